@@ -1,0 +1,58 @@
+# Lever → BigQuery sync. `make demo` runs a sync from the built-in Lever simulator into a local
+# BigQuery emulator; `make test` runs every test against the same local services.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+STAMP := $(VENV)/.installed
+DEMO_OPPORTUNITIES ?= 100
+DEMO_START_DATE ?= 2020-01-01
+
+.PHONY: help venv build-local demo test test-unit lint fmt clean
+
+help:
+	@echo "make demo   - sync the simulator's Lever account into a local BigQuery emulator and show what landed"
+	@echo "make test   - unit and end-to-end tests (starts the emulator itself)"
+	@echo "make lint   - formatting and clippy"
+
+$(STAMP): requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	# The emulator loads DuckDB's spatial extension from the PyPI package, never from the network.
+	$(VENV)/bin/python -c "from duckdb_extensions import import_extension; import_extension('spatial')"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+build-local:
+	cargo build --release -p lever-sync -p lever-sim
+
+demo: venv build-local
+	@trap 'scripts/services.sh stop' EXIT; \
+	set -e; \
+	eval "export $$(scripts/services.sh start-bq)"; \
+	eval "export $$(scripts/services.sh start-sim --opportunities $(DEMO_OPPORTUNITIES))"; \
+	export LEVER_API_KEY=sim-api-key LEVER_START_DATE=$(DEMO_START_DATE) \
+	  BIGQUERY_PROJECT=lever-demo BIGQUERY_DATASET=lever BIGQUERY_API_URL=$$BIGQUERY_EMULATOR_URL BIGQUERY_EMULATOR=true; \
+	echo "== lever-sync check"; target/release/lever-sync check; \
+	echo "== lever-sync sync (the simulator allows Lever's 10 requests/second)"; target/release/lever-sync sync; \
+	echo "== what landed"; target/release/demo-report
+
+test: venv
+	@trap 'scripts/services.sh stop' EXIT; \
+	set -e; \
+	eval "export $$(scripts/services.sh start-bq)"; \
+	cargo test --workspace --all-targets
+
+test-unit:
+	cargo test --workspace --lib --bins
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	scripts/services.sh stop
+	rm -rf .run

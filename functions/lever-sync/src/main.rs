@@ -1,0 +1,298 @@
+//! `lever-sync`: the local runner and operator tool. It runs the very same window step as the
+//! Lambda functions, in a loop in-process.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use lever_sync::config::{Config, RawConfig, ENV_VARS};
+use lever_sync::lever::{ClientConfig, LeverClient, LeverError};
+use lever_sync::sync::{system_clock, RunSummary, Syncer};
+use lever_sync::warehouse::Warehouse;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(name = "lever-sync", version, about = "Sync Lever into BigQuery")]
+struct Cli {
+    /// A TOML settings file; environment variables (LEVER_API_KEY, BIGQUERY_DATASET, …) override it.
+    #[arg(long, short, env = "LEVER_SYNC_CONFIG", global = true)]
+    config: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Prove the Lever key, the environment and the BigQuery access. Writes nothing.
+    Check,
+    /// Sync the selected tables until each run is done.
+    Sync {
+        /// Only these tables (repeatable); default: the configured tables.
+        #[arg(long = "table", short = 't')]
+        tables: Vec<String>,
+    },
+    /// Show each stream's state and the latest runs.
+    Status,
+}
+
+fn load_config(path: Option<&str>, tables: &[String]) -> anyhow::Result<Config> {
+    let mut raw = match path {
+        Some(p) => RawConfig::from_toml(
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the config file {p}"))?,
+        )?,
+        None => RawConfig::default(),
+    };
+    let env: HashMap<String, String> = ENV_VARS
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    raw.apply_env(&env)?;
+    if !tables.is_empty() {
+        raw.lever.tables = Some(tables.to_vec());
+    }
+    Ok(raw.validate(chrono_now())?)
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn lever_client(cfg: &Config) -> anyhow::Result<LeverClient> {
+    Ok(LeverClient::new(
+        cfg.lever.api_key.clone(),
+        ClientConfig {
+            base_url: cfg.lever.api_url.clone(),
+            environment: cfg.lever.environment,
+            rate_per_sec: cfg.lever.rate_per_sec,
+            burst: cfg.lever.burst,
+            timeout: cfg.lever.timeout,
+            retry: Default::default(),
+        },
+    )?)
+}
+
+#[tokio::main]
+async fn main() {
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .compact()
+            .with_target(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check => check(cli.config.as_deref()).await,
+        Command::Sync { tables } => sync(cli.config.as_deref(), tables).await,
+        Command::Status => status(cli.config.as_deref()).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn check(path: Option<&str>) -> anyhow::Result<()> {
+    let cfg = load_config(path, &[])?;
+    println!(
+        "settings: ok ({} tables, Lever {} at {})",
+        cfg.tables.len(),
+        cfg.lever.environment.name(),
+        cfg.lever.api_url
+    );
+    let lever = lever_client(&cfg)?;
+    let mut failures = Vec::new();
+    let first = lever
+        .list_page(
+            "/opportunities",
+            &[("confidentiality", "all".to_owned())],
+            None,
+        )
+        .await;
+    let sample = match first {
+        Ok(p) => {
+            println!("lever: ok (the key reads opportunities, confidential ones included in the request)");
+            p.data
+                .first()
+                .and_then(|o| o.get("id"))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        }
+        Err(e) => {
+            println!("lever: FAILED: {e}");
+            failures.push("lever");
+            None
+        }
+    };
+    if failures.is_empty() {
+        for t in &cfg.tables {
+            let path = match (t.origin, &sample) {
+                (lever_sync::catalog::Origin::List { path }, _) if path != "/opportunities" => {
+                    path.to_owned()
+                }
+                (lever_sync::catalog::Origin::PerParent { path, .. }, Some(id)) => {
+                    format!("/opportunities/{id}/{path}")
+                }
+                _ => continue,
+            };
+            match lever.list_page(&path, &[], None).await {
+                Ok(_) | Err(LeverError::NotFound { .. }) => println!("lever {}: ok", t.name),
+                Err(e) => {
+                    println!("lever {}: FAILED: {e}", t.name);
+                    failures.push(t.name);
+                }
+            }
+        }
+    }
+    match Warehouse::connect(&cfg.warehouse).await {
+        Ok(wh) => match wh.dataset_exists().await {
+            Ok(true) => println!(
+                "bigquery: ok (dataset {}.{} exists)",
+                cfg.warehouse.project, cfg.warehouse.dataset
+            ),
+            Ok(false) => println!(
+                "bigquery: ok (project {} reachable; dataset {} will be created by the first sync)",
+                cfg.warehouse.project, cfg.warehouse.dataset
+            ),
+            Err(e) => {
+                println!("bigquery: FAILED: {e}");
+                failures.push("bigquery");
+            }
+        },
+        Err(e) => {
+            println!("bigquery: FAILED: {e}");
+            failures.push("bigquery");
+        }
+    }
+    if !failures.is_empty() {
+        bail!("check failed for: {}", failures.join(", "));
+    }
+    println!("all checks passed");
+    Ok(())
+}
+
+async fn syncer(cfg: Config) -> anyhow::Result<Syncer> {
+    let lever = lever_client(&cfg)?;
+    let wh = Warehouse::connect(&cfg.warehouse).await?;
+    let owner = format!("cli-{}", std::process::id());
+    Ok(Syncer::new(Arc::new(cfg), lever, wh, owner, system_clock()))
+}
+
+async fn sync(path: Option<&str>, tables: &[String]) -> anyhow::Result<()> {
+    let cfg = load_config(path, tables)?;
+    let streams = cfg.streams();
+    let s = syncer(cfg).await?;
+    let started = Instant::now();
+    s.setup().await?;
+    // All streams at once: they share one client and so one rate budget.
+    let runs = futures::future::join_all(streams.iter().map(|st| {
+        let s = s.clone();
+        let st = *st;
+        async move { (st, s.sync_stream(st).await) }
+    }))
+    .await;
+    let mut failed = Vec::new();
+    println!(
+        "{:<15} {:>8} {:>9} {:>8} {:>8}",
+        "table", "rows", "requests", "windows", "retries"
+    );
+    for (stream, r) in &runs {
+        match r {
+            Ok(RunSummary {
+                tables,
+                requests,
+                windows,
+                retries,
+                ..
+            }) => {
+                for t in tables {
+                    println!(
+                        "{:<15} {:>8} {:>9} {:>8} {:>8}",
+                        t.table, t.rows, requests, windows, retries
+                    );
+                }
+            }
+            Err(e) => {
+                println!("{stream:<15} FAILED [{}] {e}", e.code());
+                failed.push(*stream);
+            }
+        }
+    }
+    let stats = s.lever().totals().snapshot();
+    println!(
+        "done in {:.1}s: {} Lever requests, {} retries, {} throttled",
+        started.elapsed().as_secs_f64(),
+        stats.requests,
+        stats.retries,
+        stats.throttled
+    );
+    if !failed.is_empty() {
+        bail!(
+            "{} failed; the next sync resumes where it stopped",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn status(path: Option<&str>) -> anyhow::Result<()> {
+    let cfg = load_config(path, &[])?;
+    let s = syncer(cfg).await?;
+    if !s.warehouse().dataset_exists().await? {
+        println!("nothing synced yet (the dataset does not exist)");
+        return Ok(());
+    }
+    s.store().ensure(&[]).await?;
+    println!(
+        "{:<15} {:<11} {:<24} {:>5} {:>8} {:<24} last error",
+        "stream", "phase", "run", "hop", "rows", "cursor"
+    );
+    for st in s.store().load_all().await? {
+        println!(
+            "{:<15} {:<11} {:<24} {:>5} {:>8} {:<24} {}",
+            st.stream,
+            st.phase.as_str(),
+            st.run_id.as_deref().unwrap_or("-"),
+            st.hop,
+            st.rows,
+            st.cursor_ms
+                .and_then(lever_sync::rows::timestamp_text)
+                .unwrap_or_else(|| "-".into()),
+            st.last_error.as_deref().unwrap_or("")
+        );
+    }
+    let runs = s.store().recent_runs(20).await?;
+    println!("\nlatest runs:");
+    println!(
+        "{:<15} {:<24} {:<10} {:>8} {:>9} {:<24} error",
+        "table", "run", "outcome", "rows", "requests", "finished"
+    );
+    for r in &runs.rows {
+        println!(
+            "{:<15} {:<24} {:<10} {:>8} {:>9} {:<24} {}",
+            runs.str(r, "table_name").unwrap_or_default(),
+            runs.str(r, "run_id").unwrap_or_default(),
+            runs.str(r, "outcome").unwrap_or_default(),
+            runs.int(r, "rows").unwrap_or(0),
+            runs.int(r, "requests").unwrap_or(0),
+            runs.int(r, "finished_at")
+                .and_then(lever_sync::rows::timestamp_text)
+                .unwrap_or_default(),
+            runs.str(r, "error").unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,777 @@
+//! One window of one stream, and the loop that runs windows until a run is done.
+//!
+//! A window: read the stream's state → take its lease → fetch a bounded number of pages (or the
+//! children of one page of parents) → load the rows into the run's staging tables → save the new
+//! position. The last window finalizes: MERGE staging into the targets, record the run, advance
+//! the cursor, drop staging. Every step can run twice with the same end result: staging may hold
+//! a window twice and finalize keeps the latest copy of each id.
+//!
+//! The Lambda and the CLI differ only in how the next window is started.
+
+pub mod plan;
+pub mod state;
+
+use crate::catalog::{self, Column, Origin, SyncMode, TableDef};
+use crate::config::Config;
+use crate::error::SyncError;
+use crate::lever::{LeverClient, LeverError, Page};
+use crate::rows::{self, RowMeta};
+use crate::warehouse::schema::{self, WINDOW};
+use crate::warehouse::Warehouse;
+use futures::stream::{self, StreamExt};
+use plan::{Phase, Query};
+use serde_json::Value;
+use state::{RunRecord, StateStore, SyncState};
+use std::sync::Arc;
+
+/// Times a query restarts from its first page after Lever refuses a token, within one window.
+const MAX_OFFSET_RESTARTS: u32 = 3;
+/// Staging tables outlive a crashed run by this much before BigQuery drops them.
+const STAGING_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The boundaries inside a window where an invocation can die (Lambda timeout, crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Lever pages fetched, nothing written.
+    AfterFetch,
+    /// Rows loaded into staging, position not saved.
+    AfterLoad,
+    /// Position saved (the caller would now start the next window).
+    AfterSave,
+    /// Targets merged, state not yet advanced.
+    AfterMerge,
+    /// Run recorded and state advanced, staging not yet dropped.
+    AfterFinalizeState,
+}
+
+impl Checkpoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpoint::AfterFetch => "after-fetch",
+            Checkpoint::AfterLoad => "after-load",
+            Checkpoint::AfterSave => "after-save",
+            Checkpoint::AfterMerge => "after-merge",
+            Checkpoint::AfterFinalizeState => "after-finalize-state",
+        }
+    }
+}
+
+/// Called at every checkpoint with the stream and hop; returning `true` stops the invocation
+/// there as a crash would. Tests use it to prove that no stop point loses or duplicates rows.
+pub type KillSwitch = Arc<dyn Fn(&str, Checkpoint, i64) -> bool + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| chrono::Utc::now().timestamp_millis())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCount {
+    pub table: String,
+    pub rows: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub stream: String,
+    pub run_id: String,
+    pub tables: Vec<TableCount>,
+    pub windows: i64,
+    pub requests: i64,
+    pub retries: i64,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowOutcome {
+    /// A window was done; another is needed.
+    Continue {
+        run_id: String,
+        hop: i64,
+        rows: usize,
+    },
+    /// The run finished with this window.
+    Finished(RunSummary),
+    /// Another chain holds the stream's lease.
+    Busy,
+    /// The event names a window that is already done (a duplicate delivery): nothing to do,
+    /// and the caller must not start another window.
+    Stale,
+}
+
+/// Rows of one window for one table, as NDJSON.
+struct Staged {
+    table: &'static TableDef,
+    columns: Vec<&'static Column>,
+    ndjson: Vec<u8>,
+    rows: usize,
+}
+
+impl Staged {
+    fn push(
+        &mut self,
+        record: &Value,
+        parent: Option<&str>,
+        meta: &RowMeta<'_>,
+        window: i64,
+    ) -> Result<(), SyncError> {
+        let mut row = rows::to_row(self.table, &self.columns, record, parent, meta)?;
+        row.insert(WINDOW.to_owned(), Value::from(window));
+        serde_json::to_writer(&mut self.ndjson, &row)
+            .map_err(|e| SyncError::Invariant(e.to_string()))?;
+        self.ndjson.push(b'\n');
+        self.rows += 1;
+        Ok(())
+    }
+}
+
+/// The columns written for a table (today: all catalog columns).
+pub fn selected_columns(t: &'static TableDef) -> Vec<&'static Column> {
+    t.columns.iter().collect()
+}
+
+fn quote(name: &str) -> String {
+    format!("`{name}`")
+}
+
+/// Percent-encodes one path segment (ids are UUIDs, but a path must never be bent by data).
+fn segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn new_run_id(now_ms: i64) -> String {
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now_ms).unwrap_or_default();
+    format!(
+        "{}_{}",
+        t.format("%Y%m%dT%H%M%S"),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+#[derive(Clone)]
+pub struct Syncer {
+    cfg: Arc<Config>,
+    lever: LeverClient,
+    wh: Warehouse,
+    store: StateStore,
+    owner: String,
+    clock: Clock,
+    kill: Option<KillSwitch>,
+}
+
+impl Syncer {
+    pub fn new(
+        cfg: Arc<Config>,
+        lever: LeverClient,
+        wh: Warehouse,
+        owner: String,
+        clock: Clock,
+    ) -> Self {
+        let store = StateStore::new(wh.clone());
+        Syncer {
+            cfg,
+            lever,
+            wh,
+            store,
+            owner,
+            clock,
+            kill: None,
+        }
+    }
+
+    pub fn with_kill_switch(mut self, kill: KillSwitch) -> Self {
+        self.kill = Some(kill);
+        self
+    }
+
+    fn checkpoint(&self, stream: &str, c: Checkpoint, hop: i64) -> Result<(), SyncError> {
+        match &self.kill {
+            Some(k) if k(stream, c, hop) => Err(SyncError::Killed(c.name())),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    pub fn warehouse(&self) -> &Warehouse {
+        &self.wh
+    }
+
+    pub fn lever(&self) -> &LeverClient {
+        &self.lever
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Creates what the selected tables need: the dataset, the metadata tables and their state
+    /// rows, the target tables (adding selected columns an existing target lacks).
+    pub async fn setup(&self) -> Result<(), SyncError> {
+        self.wh.ensure_dataset().await?;
+        self.store.ensure(&self.cfg.streams()).await?;
+        for t in &self.cfg.tables {
+            let fields = schema::target_fields(t, &selected_columns(t));
+            match self.wh.table_columns(t.name).await? {
+                None => self.wh.create_table(t.name, &fields, None).await?,
+                Some(_) => {
+                    self.wh.add_missing_columns(t.name, &fields).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs windows of `stream` until its run finishes.
+    pub async fn sync_stream(&self, stream: &str) -> Result<RunSummary, SyncError> {
+        loop {
+            match self.run_window(stream, None).await? {
+                WindowOutcome::Continue { .. } => continue,
+                WindowOutcome::Finished(s) => return Ok(s),
+                WindowOutcome::Busy => {
+                    return Err(SyncError::Invariant(format!(
+                        "{stream} is being synced by another run right now; try again later"
+                    )))
+                }
+                WindowOutcome::Stale => {
+                    return Err(SyncError::Invariant(format!(
+                        "{stream}: window already done"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Runs one window of `stream`. With `expected_hop` (an event's hop), a window that is
+    /// already done is recognised and skipped.
+    pub async fn run_window(
+        &self,
+        stream: &str,
+        expected_hop: Option<i64>,
+    ) -> Result<WindowOutcome, SyncError> {
+        let stream_def = catalog::table(stream)
+            .ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
+        let st = self.store.load(stream).await?;
+        if let Some(h) = expected_hop {
+            let fresh_start = st.phase == Phase::Idle && h == 0;
+            if !fresh_start && (st.phase == Phase::Idle || st.hop != h) {
+                return Ok(WindowOutcome::Stale);
+            }
+        }
+        let now = (self.clock)();
+        if st.leased_to_other(&self.owner, now) {
+            return Ok(WindowOutcome::Busy);
+        }
+        let mut cur = st.clone();
+        cur.lease_owner = Some(self.owner.clone());
+        cur.lease_until_ms = Some(now + self.cfg.sync.lease.as_millis() as i64);
+        if cur.phase == Phase::Idle {
+            cur.run_id = Some(new_run_id(now));
+            cur.run_started_ms = Some(now);
+            cur.queries = plan::plan_queries(
+                stream_def,
+                self.cfg.start_ms,
+                st.cursor_ms,
+                now,
+                self.cfg.sync.overlap.as_millis() as i64,
+            );
+            cur.query_index = 0;
+            cur.position = None;
+            cur.phase = Phase::Fetching;
+            cur.hop = 0;
+            cur.rows = 0;
+            cur.requests = 0;
+            cur.retries = 0;
+            cur.last_error = None;
+        }
+        if !self.store.save(&cur, st.version).await? {
+            return Ok(WindowOutcome::Busy);
+        }
+        cur.version = st.version + 1;
+        let result = match cur.phase {
+            Phase::Finalizing => self.finalize(stream, &mut cur).await,
+            _ => self.fetch_window(stream_def, &mut cur).await,
+        };
+        match result {
+            Ok(outcome) => Ok(outcome),
+            // A killed invocation writes nothing more, as a real crash would not.
+            Err(e @ SyncError::Killed(_)) => Err(e),
+            Err(e) => {
+                self.record_failure(stream, &cur, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Saves the error in the state (keeping the position, so the next run resumes), frees the
+    /// lease and writes a failed run to the history. Best effort: the original error wins.
+    async fn record_failure(&self, stream: &str, cur: &SyncState, e: &SyncError) {
+        let mut failed = cur.clone();
+        failed.last_error = Some(format!("{}: {e}", e.code()));
+        failed.lease_owner = None;
+        failed.lease_until_ms = None;
+        if let Err(se) = self.store.save(&failed, cur.version).await {
+            tracing::warn!(
+                stream,
+                error_code = se.code(),
+                "could not save the failure in the state"
+            );
+        }
+        let now = (self.clock)();
+        for t in self.cfg.selected_of_stream(stream) {
+            let rec = RunRecord {
+                table: t.name.to_owned(),
+                stream: stream.to_owned(),
+                run_id: cur.run_id.clone().unwrap_or_default(),
+                started_ms: cur.run_started_ms,
+                finished_ms: now,
+                rows: 0,
+                windows: cur.hop,
+                requests: cur.requests,
+                retries: cur.retries,
+                outcome: "failed",
+                error_code: Some(e.code().to_owned()),
+                error: Some(e.to_string()),
+            };
+            if let Err(he) = self.store.record_run(&rec).await {
+                tracing::warn!(
+                    stream,
+                    error_code = he.code(),
+                    "could not record the failed run"
+                );
+            }
+        }
+    }
+
+    fn staging(&self, stream: &str, run_id: &str) -> Vec<(&'static TableDef, String)> {
+        self.cfg
+            .selected_of_stream(stream)
+            .into_iter()
+            .map(|t| (t, schema::staging_table_name(t.name, run_id)))
+            .collect()
+    }
+
+    async fn fetch_window(
+        &self,
+        stream_def: &'static TableDef,
+        cur: &mut SyncState,
+    ) -> Result<WindowOutcome, SyncError> {
+        let stream = stream_def.name;
+        let run_id = cur
+            .run_id
+            .clone()
+            .ok_or_else(|| SyncError::Invariant("fetching without a run".into()))?;
+        let staging = self.staging(stream, &run_id);
+        if cur.hop == 0 {
+            for (t, name) in &staging {
+                self.wh
+                    .create_table(
+                        name,
+                        &schema::staging_fields(t, &selected_columns(t)),
+                        Some(STAGING_TTL),
+                    )
+                    .await?;
+            }
+        }
+        let hop = cur.hop;
+        let client = self.lever.scoped();
+        let now = (self.clock)();
+        let meta = RowMeta {
+            run_id: &run_id,
+            synced_at_ms: now,
+        };
+        let mut batch: Vec<Staged> = staging
+            .iter()
+            .map(|(t, _)| Staged {
+                table: t,
+                columns: selected_columns(t),
+                ndjson: Vec::new(),
+                rows: 0,
+            })
+            .collect();
+        let window = cur.hop;
+        let pages = match stream_def.origin {
+            Origin::PerParent { .. } => 1,
+            _ => self.cfg.sync.pages_per_window,
+        };
+        for _ in 0..pages {
+            let query = cur
+                .queries
+                .get(cur.query_index)
+                .cloned()
+                .ok_or_else(|| SyncError::Invariant("position past the last query".into()))?;
+            let (page, token) = self
+                .walk_page(&client, stream_def, &query, cur.position.clone())
+                .await?;
+            let kept: Vec<&Value> = page.data.iter().filter(|r| plan::keep(&query, r)).collect();
+            match stream_def.origin {
+                Origin::PerParent { path, .. } => {
+                    let ids: Vec<String> = kept
+                        .iter()
+                        .filter_map(|r| rows::record_id(r).map(str::to_owned))
+                        .collect();
+                    let children = self.fetch_children(&client, path, stream_def, ids).await?;
+                    for (parent, records) in &children {
+                        for rec in records {
+                            for s in batch.iter_mut() {
+                                s.push(rec, Some(parent), &meta, window)?;
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    for rec in &kept {
+                        for s in batch.iter_mut() {
+                            match s.table.origin {
+                                Origin::Inline { field, .. } => {
+                                    for child in inline_records(rec, field, s.table.name)? {
+                                        s.push(child, None, &meta, window)?;
+                                    }
+                                }
+                                _ => s.push(rec, None, &meta, window)?,
+                            }
+                        }
+                    }
+                }
+            }
+            let pos = plan::advance(cur.query_index, cur.queries.len(), token);
+            cur.query_index = pos.query_index;
+            cur.position = pos.token;
+            if pos.done {
+                cur.phase = Phase::Finalizing;
+                break;
+            }
+        }
+        self.checkpoint(stream, Checkpoint::AfterFetch, hop)?;
+        let mut staged_rows = 0usize;
+        for (s, (_, name)) in batch.into_iter().zip(&staging) {
+            staged_rows += s.rows;
+            let job_id = format!("lever_sync_{name}_w{window}");
+            self.wh.load_ndjson(name, &job_id, s.ndjson).await?;
+        }
+        self.checkpoint(stream, Checkpoint::AfterLoad, hop)?;
+        let stats = client.stats().snapshot();
+        cur.hop += 1;
+        cur.rows += staged_rows as i64;
+        cur.requests += stats.requests as i64;
+        cur.retries += stats.retries as i64;
+        cur.lease_until_ms = Some((self.clock)() + self.cfg.sync.lease.as_millis() as i64);
+        if !self.store.save(cur, cur.version).await? {
+            return Ok(WindowOutcome::Busy);
+        }
+        cur.version += 1;
+        self.checkpoint(stream, Checkpoint::AfterSave, hop)?;
+        tracing::info!(
+            stream,
+            run_id = %run_id,
+            hop = cur.hop,
+            rows = staged_rows,
+            requests = stats.requests,
+            retries = stats.retries,
+            phase = cur.phase.as_str(),
+            "window done"
+        );
+        Ok(WindowOutcome::Continue {
+            run_id,
+            hop: cur.hop,
+            rows: staged_rows,
+        })
+    }
+
+    /// One page of the stream's walk. A refused token restarts the query from its first page:
+    /// the pages read again are deduplicated at finalize.
+    async fn walk_page(
+        &self,
+        client: &LeverClient,
+        stream_def: &TableDef,
+        q: &Query,
+        mut position: Option<String>,
+    ) -> Result<(Page, Option<String>), SyncError> {
+        let path = plan::walked_path(stream_def);
+        let fixed: &[(&str, &str)] = match stream_def.origin {
+            Origin::PerParent { parent, .. } => {
+                catalog::table(parent).map_or(&[], |p| p.fixed_params)
+            }
+            _ => stream_def.fixed_params,
+        };
+        let mut params: Vec<(&str, String)> = fixed
+            .iter()
+            // Child walks need only the parents' ids, not their applications.
+            .filter(|(k, _)| {
+                !(matches!(stream_def.origin, Origin::PerParent { .. }) && *k == "expand")
+            })
+            .map(|(k, v)| (*k, (*v).to_owned()))
+            .collect();
+        params.extend(q.params.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        let mut restarts = 0;
+        loop {
+            match client.list_page(path, &params, position.as_deref()).await {
+                Ok(page) => {
+                    let next = page.next.clone();
+                    return Ok((page, next));
+                }
+                Err(LeverError::InvalidOffset { .. })
+                    if position.is_some() && restarts < MAX_OFFSET_RESTARTS =>
+                {
+                    restarts += 1;
+                    tracing::warn!(
+                        stream = stream_def.name,
+                        "Lever refused the paging token; restarting the query from its first page"
+                    );
+                    position = None;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Every child record of each parent, fetched concurrently within the shared rate budget.
+    async fn fetch_children(
+        &self,
+        client: &LeverClient,
+        path: &str,
+        t: &TableDef,
+        parents: Vec<String>,
+    ) -> Result<Vec<(String, Vec<Value>)>, SyncError> {
+        let results: Vec<Result<(String, Vec<Value>), SyncError>> = stream::iter(parents)
+            .map(|parent| async move {
+                let url = format!("/opportunities/{}/{path}", segment(&parent));
+                let params: Vec<(&str, String)> = t
+                    .fixed_params
+                    .iter()
+                    .map(|(k, v)| (*k, (*v).to_owned()))
+                    .collect();
+                let mut out = Vec::new();
+                let mut token: Option<String> = None;
+                let mut restarts = 0;
+                loop {
+                    match client.list_page(&url, &params, token.as_deref()).await {
+                        Ok(page) => {
+                            out.extend(page.data);
+                            match page.next {
+                                Some(n) => token = Some(n),
+                                None => break,
+                            }
+                        }
+                        // Lever has answered 404 for an opportunity with no records of a kind.
+                        Err(LeverError::NotFound { .. }) => {
+                            out.clear();
+                            break;
+                        }
+                        Err(LeverError::InvalidOffset { .. })
+                            if token.is_some() && restarts < MAX_OFFSET_RESTARTS =>
+                        {
+                            restarts += 1;
+                            out.clear();
+                            token = None;
+                        }
+                        Err(e) => return Err(SyncError::from(e)),
+                    }
+                }
+                Ok((parent, out))
+            })
+            .buffer_unordered(self.cfg.sync.child_concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn finalize(
+        &self,
+        stream: &str,
+        cur: &mut SyncState,
+    ) -> Result<WindowOutcome, SyncError> {
+        let run_id = cur
+            .run_id
+            .clone()
+            .ok_or_else(|| SyncError::Invariant("finalizing without a run".into()))?;
+        let staging = self.staging(stream, &run_id);
+        let now = (self.clock)();
+        let mut counts = Vec::new();
+        for (t, name) in &staging {
+            let columns = selected_columns(t);
+            // A run whose windows all came back empty may never have created its staging table
+            // if it crashed at the very start; an empty one is the truth then.
+            self.wh
+                .create_table(
+                    name,
+                    &schema::staging_fields(t, &columns),
+                    Some(STAGING_TTL),
+                )
+                .await?;
+            self.wh
+                .execute(&merge_sql(&self.wh, t, &columns, name), &[])
+                .await?;
+            let n = self
+                .wh
+                .query(
+                    &format!(
+                        "SELECT COUNT(DISTINCT {}) AS n FROM {}",
+                        quote(t.key),
+                        self.wh.table_ref(name)
+                    ),
+                    &[],
+                )
+                .await?;
+            let rows = n.rows.first().and_then(|r| n.int(r, "n")).unwrap_or(0);
+            counts.push(TableCount {
+                table: t.name.to_owned(),
+                rows,
+            });
+        }
+        self.checkpoint(stream, Checkpoint::AfterMerge, cur.hop)?;
+        for c in &counts {
+            self.store
+                .record_run(&RunRecord {
+                    table: c.table.clone(),
+                    stream: stream.to_owned(),
+                    run_id: run_id.clone(),
+                    started_ms: cur.run_started_ms,
+                    finished_ms: now,
+                    rows: c.rows,
+                    windows: cur.hop,
+                    requests: cur.requests,
+                    retries: cur.retries,
+                    outcome: "succeeded",
+                    error_code: None,
+                    error: None,
+                })
+                .await?;
+        }
+        let summary = RunSummary {
+            stream: stream.to_owned(),
+            run_id: run_id.clone(),
+            tables: counts,
+            windows: cur.hop,
+            requests: cur.requests,
+            retries: cur.retries,
+            started_ms: cur.run_started_ms.unwrap_or(now),
+            finished_ms: now,
+        };
+        let stream_def = catalog::table(stream)
+            .ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
+        let mut done = SyncState::new(stream);
+        done.cursor_ms = match stream_def.mode {
+            SyncMode::Incremental => cur.run_started_ms,
+            SyncMode::FullRefresh => cur.cursor_ms,
+        };
+        if !self.store.save(&done, cur.version).await? {
+            return Ok(WindowOutcome::Busy);
+        }
+        self.checkpoint(stream, Checkpoint::AfterFinalizeState, cur.hop)?;
+        for (_, name) in &staging {
+            if let Err(e) = self.wh.drop_table(name).await {
+                // It expires on its own; the run is complete either way.
+                tracing::warn!(stream, table = %name, error_code = e.code(), "could not drop a staging table");
+            }
+        }
+        tracing::info!(stream, run_id = %run_id, windows = summary.windows, requests = summary.requests, "run finished");
+        Ok(WindowOutcome::Finished(summary))
+    }
+}
+
+/// The records inlined in `record` under `field` (expanded applications). Ids instead of
+/// objects mean the expansion did not happen: refusing beats syncing an empty table.
+fn inline_records<'a>(
+    record: &'a Value,
+    field: &str,
+    table: &str,
+) -> Result<Vec<&'a Value>, SyncError> {
+    match record.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                if i.is_object() {
+                    Ok(i)
+                } else {
+                    Err(SyncError::Invariant(format!("{table}: Lever sent ids, not objects, under `{field}`: the expand parameter was ignored")))
+                }
+            })
+            .collect(),
+        Some(_) => Err(SyncError::Invariant(format!("{table}: `{field}` is not a list"))),
+    }
+}
+
+/// Latest copy of each id from staging into the target; a full refresh also deletes what the
+/// run did not see, which makes the MERGE an atomic replace that keeps the table's schema.
+pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &str) -> String {
+    let names: Vec<String> = columns
+        .iter()
+        .map(|c| c.name)
+        .chain([catalog::SYNCED_AT, catalog::RUN_ID])
+        .map(quote)
+        .collect();
+    let key = quote(t.key);
+    let set = names
+        .iter()
+        .filter(|n| **n != key)
+        .map(|n| format!("{n} = S.{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert_values = names
+        .iter()
+        .map(|n| format!("S.{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let delete = match t.mode {
+        SyncMode::FullRefresh => " WHEN NOT MATCHED BY SOURCE THEN DELETE",
+        SyncMode::Incremental => "",
+    };
+    format!(
+        "MERGE {target} T USING (SELECT {cols} FROM {stg} WHERE TRUE QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY {window} DESC) = 1) S \
+         ON T.{key} = S.{key} WHEN MATCHED THEN UPDATE SET {set} WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({insert_values}){delete}",
+        target = wh.table_ref(t.name),
+        cols = names.join(", "),
+        stg = wh.table_ref(staging),
+        window = quote(WINDOW),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn path_segments_cannot_escape() {
+        assert_eq!(
+            segment("784ff8e2-4536-4d65-8b29-e2dbeb0e8bef"),
+            "784ff8e2-4536-4d65-8b29-e2dbeb0e8bef"
+        );
+        assert_eq!(segment("../users?x=1"), "..%2Fusers%3Fx%3D1");
+    }
+
+    #[test]
+    fn expanded_applications_are_inline_records() {
+        let rec = json!({"id": "o", "applications": [{"id": "a"}]});
+        assert_eq!(
+            inline_records(&rec, "applications", "applications")
+                .unwrap()
+                .len(),
+            1
+        );
+        let ids = json!({"id": "o", "applications": ["a"]});
+        assert!(inline_records(&ids, "applications", "applications").is_err());
+    }
+
+    #[test]
+    fn run_ids_sort_by_time_and_are_unique() {
+        let a = new_run_id(1_700_000_000_000);
+        let b = new_run_id(1_700_000_000_000);
+        assert!(a.starts_with("20231114T221320_"));
+        assert_ne!(a, b);
+    }
+}

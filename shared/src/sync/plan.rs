@@ -1,0 +1,222 @@
+//! The pure part of a run: which Lever queries a run makes, and how a window moves the position.
+//! No clock, no I/O: callers pass `now` and the pages they fetched.
+
+use crate::catalog::{Origin, SyncMode, TableDef};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Fetching,
+    Finalizing,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Fetching => "fetching",
+            Phase::Finalizing => "finalizing",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Phase> {
+        match s {
+            "idle" => Some(Phase::Idle),
+            "fetching" => Some(Phase::Fetching),
+            "finalizing" => Some(Phase::Finalizing),
+            _ => None,
+        }
+    }
+}
+
+/// One filtered list query of a run. Lever binds paging tokens to the query, so a run's queries
+/// are fixed when it starts and saved with its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    pub params: Vec<(String, String)>,
+    /// Keep only records whose `updatedAt` is null (legacy records no `updated_at` filter finds).
+    #[serde(default)]
+    pub legacy_only: bool,
+}
+
+/// The list endpoint a stream walks page by page: its own, or its parent's for per-parent tables.
+pub fn walked_path(t: &TableDef) -> &'static str {
+    match t.origin {
+        Origin::List { path } => path,
+        // Parents of per-parent tables are opportunities; inline tables have no walk of their own.
+        Origin::PerParent { .. } | Origin::Inline { .. } => "/opportunities",
+    }
+}
+
+/// Whether a stream's walk runs over opportunities (and so obeys the start-date scope rules).
+fn walks_opportunities(t: &TableDef) -> bool {
+    walked_path(t) == "/opportunities"
+}
+
+/// The queries of a new run of `stream` started at `now_ms`.
+///
+/// Opportunity walks cover every opportunity whose last change is on or after the start date:
+/// those with `updatedAt` in range, plus legacy ones whose `updatedAt` is null and whose
+/// `createdAt` is in range (an `updated_at` filter never returns them). An incremental run after
+/// a successful one reads what changed since the last run's start, less the overlap.
+pub fn plan_queries(
+    stream: &TableDef,
+    start_ms: i64,
+    cursor_ms: Option<i64>,
+    now_ms: i64,
+    overlap_ms: i64,
+) -> Vec<Query> {
+    if !walks_opportunities(stream) {
+        return vec![Query {
+            params: Vec::new(),
+            legacy_only: false,
+        }];
+    }
+    let end = now_ms.to_string();
+    let updated_since = |from: i64| Query {
+        params: vec![
+            ("updated_at_start".into(), from.to_string()),
+            ("updated_at_end".into(), end.clone()),
+        ],
+        legacy_only: false,
+    };
+    match (stream.mode, cursor_ms) {
+        (SyncMode::Incremental, Some(cursor)) => {
+            vec![updated_since((cursor - overlap_ms).max(start_ms))]
+        }
+        _ => vec![
+            updated_since(start_ms),
+            Query {
+                params: vec![
+                    ("created_at_start".into(), start_ms.to_string()),
+                    ("created_at_end".into(), end.clone()),
+                ],
+                legacy_only: true,
+            },
+        ],
+    }
+}
+
+/// Whether a record returned by `q` belongs to the run.
+pub fn keep(q: &Query, record: &Value) -> bool {
+    !q.legacy_only || record.get("updatedAt").is_none_or(Value::is_null)
+}
+
+/// Where the walk stands after a page: the same query's next page, the next query, or the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub query_index: usize,
+    pub token: Option<String>,
+    pub done: bool,
+}
+
+pub fn advance(query_index: usize, queries: usize, next: Option<String>) -> Position {
+    match next {
+        Some(token) => Position {
+            query_index,
+            token: Some(token),
+            done: false,
+        },
+        None if query_index + 1 < queries => Position {
+            query_index: query_index + 1,
+            token: None,
+            done: false,
+        },
+        None => Position {
+            query_index: queries,
+            token: None,
+            done: true,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::table;
+    use serde_json::json;
+
+    const START: i64 = 1_600_000_000_000;
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn param<'a>(q: &'a Query, k: &str) -> Option<&'a str> {
+        q.params
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_first_run_also_reads_legacy_records_without_updated_at() {
+        let q = plan_queries(table("opportunities").unwrap(), START, None, NOW, 300_000);
+        assert_eq!(q.len(), 2);
+        assert_eq!(param(&q[0], "updated_at_start"), Some("1600000000000"));
+        assert_eq!(param(&q[0], "updated_at_end"), Some("1700000000000"));
+        assert_eq!(param(&q[1], "created_at_start"), Some("1600000000000"));
+        assert!(q[1].legacy_only && !q[0].legacy_only);
+    }
+
+    #[test]
+    fn a_later_run_reads_from_the_cursor_less_the_overlap() {
+        let cursor = NOW - 3_600_000;
+        let q = plan_queries(
+            table("opportunities").unwrap(),
+            START,
+            Some(cursor),
+            NOW,
+            300_000,
+        );
+        assert_eq!(q.len(), 1);
+        assert_eq!(
+            param(&q[0], "updated_at_start"),
+            Some((cursor - 300_000).to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn full_refresh_children_walk_every_in_scope_parent_each_run() {
+        let q = plan_queries(table("notes").unwrap(), START, Some(NOW - 1000), NOW, 0);
+        assert_eq!(q.len(), 2, "a cursor must not narrow a full refresh");
+        let users = plan_queries(table("users").unwrap(), START, None, NOW, 0);
+        assert_eq!(
+            users,
+            vec![Query {
+                params: vec![],
+                legacy_only: false
+            }]
+        );
+    }
+
+    #[test]
+    fn the_legacy_query_keeps_only_null_updated_at() {
+        let q = Query {
+            params: vec![],
+            legacy_only: true,
+        };
+        assert!(keep(&q, &json!({"id": "a", "updatedAt": null})));
+        assert!(keep(&q, &json!({"id": "a"})));
+        assert!(!keep(&q, &json!({"id": "a", "updatedAt": 5})));
+    }
+
+    #[test]
+    fn positions_move_through_queries_to_the_end() {
+        assert_eq!(
+            advance(0, 2, Some("t".into())),
+            Position {
+                query_index: 0,
+                token: Some("t".into()),
+                done: false
+            }
+        );
+        assert_eq!(
+            advance(0, 2, None),
+            Position {
+                query_index: 1,
+                token: None,
+                done: false
+            }
+        );
+        assert!(advance(1, 2, None).done);
+    }
+}

@@ -1,0 +1,134 @@
+//! Table schemas: the synced tables (from the catalog), their staging tables, and the two
+//! metadata tables (sync state and run history).
+
+use crate::catalog::{Column, ColumnType, TableDef, RUN_ID, SYNCED_AT};
+use gcp_bigquery_client::model::field_type::FieldType;
+use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
+use gcp_bigquery_client::model::table_schema::TableSchema;
+
+/// The sync state, one row per stream (a walk of Lever that feeds one or more tables).
+pub const STATE_TABLE: &str = "_lever_sync_state";
+/// One row per table per finished (or failed) run.
+pub const HISTORY_TABLE: &str = "_lever_sync_runs";
+/// In staging only: which window wrote the row, so that the latest copy of an id wins.
+pub const WINDOW: &str = "_window";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub name: &'static str,
+    pub ty: ColumnType,
+    pub required: bool,
+}
+
+const fn f(name: &'static str, ty: ColumnType) -> Field {
+    Field {
+        name,
+        ty,
+        required: false,
+    }
+}
+
+impl Field {
+    pub fn of(c: &Column, key: &str) -> Field {
+        Field {
+            name: c.name,
+            ty: c.ty,
+            required: c.name == key,
+        }
+    }
+}
+
+pub fn to_bq(fields: &[Field]) -> TableSchema {
+    let fields = fields
+        .iter()
+        .map(|fd| {
+            let ty = match fd.ty {
+                ColumnType::String | ColumnType::StringArray => FieldType::String,
+                ColumnType::Int64 => FieldType::Int64,
+                ColumnType::Float64 => FieldType::Float64,
+                ColumnType::Bool => FieldType::Bool,
+                ColumnType::Timestamp => FieldType::Timestamp,
+                ColumnType::Json => FieldType::Json,
+            };
+            let mut s = TableFieldSchema::new(fd.name, ty);
+            s.mode = Some(
+                match (fd.ty, fd.required) {
+                    (ColumnType::StringArray, _) => "REPEATED",
+                    (_, true) => "REQUIRED",
+                    _ => "NULLABLE",
+                }
+                .to_owned(),
+            );
+            s
+        })
+        .collect();
+    TableSchema::new(fields)
+}
+
+const META: [Field; 2] = [
+    f(SYNCED_AT, ColumnType::Timestamp),
+    f(RUN_ID, ColumnType::String),
+];
+
+/// The target table: the selected catalog columns, then the metadata columns.
+pub fn target_fields(t: &TableDef, columns: &[&Column]) -> Vec<Field> {
+    columns
+        .iter()
+        .map(|c| Field::of(c, t.key))
+        .chain(META)
+        .collect()
+}
+
+/// A run's staging table: the target's fields plus the window number.
+pub fn staging_fields(t: &TableDef, columns: &[&Column]) -> Vec<Field> {
+    let mut v = target_fields(t, columns);
+    v.push(f(WINDOW, ColumnType::Int64));
+    v
+}
+
+pub fn staging_table_name(table: &str, run_id: &str) -> String {
+    format!("_stg_{table}_{}", run_id.replace('-', "_"))
+}
+
+pub const STATE_FIELDS: &[Field] = &[
+    Field {
+        name: "stream",
+        ty: ColumnType::String,
+        required: true,
+    },
+    f("run_id", ColumnType::String),
+    f("phase", ColumnType::String),
+    f("queries", ColumnType::String),
+    f("query_index", ColumnType::Int64),
+    f("position", ColumnType::String),
+    f("cursor", ColumnType::Timestamp),
+    f("run_started_at", ColumnType::Timestamp),
+    f("hop", ColumnType::Int64),
+    f("rows", ColumnType::Int64),
+    f("requests", ColumnType::Int64),
+    f("retries", ColumnType::Int64),
+    f("lease_owner", ColumnType::String),
+    f("lease_until", ColumnType::Timestamp),
+    f("version", ColumnType::Int64),
+    f("updated_at", ColumnType::Timestamp),
+    f("last_error", ColumnType::String),
+];
+
+pub const HISTORY_FIELDS: &[Field] = &[
+    Field {
+        name: "table_name",
+        ty: ColumnType::String,
+        required: true,
+    },
+    f("stream", ColumnType::String),
+    f("run_id", ColumnType::String),
+    f("started_at", ColumnType::Timestamp),
+    f("finished_at", ColumnType::Timestamp),
+    f("rows", ColumnType::Int64),
+    f("windows", ColumnType::Int64),
+    f("requests", ColumnType::Int64),
+    f("retries", ColumnType::Int64),
+    f("outcome", ColumnType::String),
+    f("error_code", ColumnType::String),
+    f("error", ColumnType::String),
+];
