@@ -85,15 +85,9 @@ pub enum Origin {
     /// A paged list endpoint of its own.
     List { path: &'static str },
     /// Inlined in each parent record under `field` when the parent's list asks to `expand` it.
-    Inline {
-        parent: &'static str,
-        field: &'static str,
-    },
+    Inline { parent: &'static str, field: &'static str },
     /// A paged list under each parent record: `/{parent path}/{id}/{path}`.
-    PerParent {
-        parent: &'static str,
-        path: &'static str,
-    },
+    PerParent { parent: &'static str, path: &'static str },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,11 +268,7 @@ const USER_COLUMNS: &[Column] = &[
     col("manager_id", Str, "managerId"),
 ];
 
-const fn per_opportunity(
-    name: &'static str,
-    path: &'static str,
-    columns: &'static [Column],
-) -> TableDef {
+const fn per_opportunity(name: &'static str, path: &'static str, columns: &'static [Column]) -> TableDef {
     TableDef {
         name,
         origin: Origin::PerParent {
@@ -297,9 +287,7 @@ const fn per_opportunity(
 pub const TABLES: &[TableDef] = &[
     TableDef {
         name: "opportunities",
-        origin: Origin::List {
-            path: "/opportunities",
-        },
+        origin: Origin::List { path: "/opportunities" },
         key: "id",
         mode: SyncMode::Incremental,
         cursor: Some("updatedAt"),
@@ -416,11 +404,7 @@ mod tests {
     fn child_tables_carry_their_parent_id() {
         for t in TABLES {
             if t.parent().is_some() {
-                assert!(
-                    t.column("opportunity_id").is_some(),
-                    "{} lacks opportunity_id",
-                    t.name
-                );
+                assert!(t.column("opportunity_id").is_some(), "{} lacks opportunity_id", t.name);
             }
         }
     }

@@ -85,17 +85,12 @@ pub const ENV_VARS: &[&str] = &[
 
 impl RawConfig {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| bad(format!("the config file is not valid: {}", e.message())))
+        toml::from_str(text).map_err(|e| bad(format!("the config file is not valid: {}", e.message())))
     }
 
     /// Applies environment variables (given as a map so tests need not touch the process).
     pub fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
-        let get = |k: &str| {
-            env.get(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |k: &str| env.get(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         if let Some(v) = get("LEVER_API_KEY") {
             self.lever.api_key = Some(v);
         }
@@ -117,10 +112,10 @@ impl RawConfig {
             );
         }
         if let Some(v) = get("LEVER_RATE_PER_SEC") {
-            self.lever.rate_per_sec =
-                Some(v.parse().map_err(|_| {
-                    bad("LEVER_RATE_PER_SEC must be a number of requests per second")
-                })?);
+            self.lever.rate_per_sec = Some(
+                v.parse()
+                    .map_err(|_| bad("LEVER_RATE_PER_SEC must be a number of requests per second"))?,
+            );
         }
         if let Some(v) = get("BIGQUERY_PROJECT") {
             self.bigquery.project = Some(v);
@@ -138,10 +133,7 @@ impl RawConfig {
             self.bigquery.credentials_file = Some(v);
         }
         if let Some(v) = get("BIGQUERY_EMULATOR") {
-            self.bigquery.emulator = Some(matches!(
-                v.to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes"
-            ));
+            self.bigquery.emulator = Some(matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
         }
         Ok(())
     }
@@ -212,9 +204,7 @@ fn parse_start(s: &str) -> Result<i64, ConfigError> {
 fn is_loopback(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let host = rest.split(['/', ':']).next().unwrap_or("");
-    matches!(host, "127.0.0.1" | "localhost" | "[")
-        || host.starts_with("127.")
-        || rest.starts_with("[::1]")
+    matches!(host, "127.0.0.1" | "localhost" | "[") || host.starts_with("127.") || rest.starts_with("[::1]")
 }
 
 fn valid_url(url: &str) -> bool {
@@ -230,35 +220,30 @@ impl RawConfig {
             .filter(|k| !k.trim().is_empty())
             .ok_or_else(|| bad("no Lever API key: set LEVER_API_KEY or [lever] api_key"))?;
         if api_key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(bad("the Lever API key has spaces or control characters around or in it: paste it again"));
+            return Err(bad(
+                "the Lever API key has spaces or control characters around or in it: paste it again",
+            ));
         }
         let environment = match l.environment.as_deref() {
             None => Environment::Production,
-            Some(e) => Environment::parse(e).ok_or_else(|| {
-                bad(format!(
-                    "environment `{e}` is unknown: use production, sandbox or eu"
-                ))
-            })?,
+            Some(e) => Environment::parse(e)
+                .ok_or_else(|| bad(format!("environment `{e}` is unknown: use production, sandbox or eu")))?,
         };
-        let api_url = l
-            .api_url
-            .unwrap_or_else(|| environment.base_url().to_owned());
+        let api_url = l.api_url.unwrap_or_else(|| environment.base_url().to_owned());
         if !valid_url(&api_url) {
-            return Err(bad(format!(
-                "Lever api_url `{api_url}` is not an http(s) URL"
-            )));
+            return Err(bad(format!("Lever api_url `{api_url}` is not an http(s) URL")));
         }
-        let start_ms = parse_start(l.start_date.as_deref().ok_or_else(|| {
-            bad("no start date: set LEVER_START_DATE or [lever] start_date (YYYY-MM-DD)")
-        })?)?;
+        let start_ms = parse_start(
+            l.start_date
+                .as_deref()
+                .ok_or_else(|| bad("no start date: set LEVER_START_DATE or [lever] start_date (YYYY-MM-DD)"))?,
+        )?;
         if start_ms > now_ms {
             return Err(bad("start_date is in the future: nothing could be synced"));
         }
         let tables = match l.tables {
             None => catalog::TABLES.iter().collect(),
-            Some(names) if names.is_empty() => {
-                return Err(bad("tables is empty: pick at least one table"))
-            }
+            Some(names) if names.is_empty() => return Err(bad("tables is empty: pick at least one table")),
             Some(names) => {
                 let mut picked = Vec::new();
                 for n in &names {
@@ -295,26 +280,20 @@ impl RawConfig {
         };
 
         let b = self.bigquery;
-        let project = b.project.ok_or_else(|| {
-            bad("no BigQuery project: set BIGQUERY_PROJECT or [bigquery] project")
-        })?;
+        let project = b
+            .project
+            .ok_or_else(|| bad("no BigQuery project: set BIGQUERY_PROJECT or [bigquery] project"))?;
         if project.is_empty()
             || !project
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '_'))
         {
-            return Err(bad(format!(
-                "BigQuery project `{project}` is not a valid project id"
-            )));
+            return Err(bad(format!("BigQuery project `{project}` is not a valid project id")));
         }
-        let dataset = b.dataset.ok_or_else(|| {
-            bad("no BigQuery dataset: set BIGQUERY_DATASET or [bigquery] dataset")
-        })?;
-        if dataset.is_empty()
-            || dataset.len() > 1024
-            || !dataset
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        let dataset = b
+            .dataset
+            .ok_or_else(|| bad("no BigQuery dataset: set BIGQUERY_DATASET or [bigquery] dataset"))?;
+        if dataset.is_empty() || dataset.len() > 1024 || !dataset.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
             return Err(bad(format!(
                 "BigQuery dataset `{dataset}` may hold only letters, digits and underscores"
@@ -322,13 +301,13 @@ impl RawConfig {
         }
         let api_url = b.api_url.unwrap_or_else(|| BIGQUERY_API_URL.to_owned());
         if !valid_url(&api_url) {
-            return Err(bad(format!(
-                "BigQuery api_url `{api_url}` is not an http(s) URL"
-            )));
+            return Err(bad(format!("BigQuery api_url `{api_url}` is not an http(s) URL")));
         }
         let credentials = match (b.emulator.unwrap_or(false), b.credentials_file) {
             (true, _) if !is_loopback(&api_url) => {
-                return Err(bad("emulator credentials only work with a local BigQuery api_url (127.0.0.1)"))
+                return Err(bad(
+                    "emulator credentials only work with a local BigQuery api_url (127.0.0.1)",
+                ))
             }
             (true, _) => Credentials::Emulator,
             (false, Some(path)) => {
@@ -337,9 +316,9 @@ impl RawConfig {
                 }
                 Credentials::ServiceAccountFile(path)
             }
-            (false, None) => {
-                return Err(bad("no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE (a service-account key) or use the emulator"))
-            }
+            (false, None) => return Err(bad(
+                "no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE (a service-account key) or use the emulator",
+            )),
         };
         let warehouse = WarehouseConfig {
             project,
@@ -353,14 +332,9 @@ impl RawConfig {
         let d = SyncSettings::default();
         let sync = SyncSettings {
             pages_per_window: s.pages_per_window.unwrap_or(d.pages_per_window).max(1),
-            child_concurrency: s
-                .child_concurrency
-                .unwrap_or(d.child_concurrency)
-                .clamp(1, 64),
+            child_concurrency: s.child_concurrency.unwrap_or(d.child_concurrency).clamp(1, 64),
             overlap: s.overlap_secs.map_or(d.overlap, Duration::from_secs),
-            lease: s
-                .lease_secs
-                .map_or(d.lease, |v| Duration::from_secs(v.max(1))),
+            lease: s.lease_secs.map_or(d.lease, |v| Duration::from_secs(v.max(1))),
         };
         Ok(Config {
             lever,
@@ -386,11 +360,7 @@ impl Config {
     }
 
     pub fn selected_of_stream(&self, stream: &str) -> Vec<&'static TableDef> {
-        self.tables
-            .iter()
-            .copied()
-            .filter(|t| t.stream() == stream)
-            .collect()
+        self.tables.iter().copied().filter(|t| t.stream() == stream).collect()
     }
 }
 
@@ -425,27 +395,17 @@ mod tests {
         assert_eq!(c.start_ms, 1_609_459_200_000);
         assert_eq!(
             c.streams(),
-            vec![
-                "opportunities",
-                "interviews",
-                "notes",
-                "offers",
-                "referrals",
-                "users"
-            ]
+            vec!["opportunities", "interviews", "notes", "offers", "referrals", "users"]
         );
     }
 
     #[test]
     fn environment_variables_override_the_file() {
         let mut r = base();
-        let env: HashMap<String, String> = [
-            ("LEVER_TABLES", "users, notes"),
-            ("LEVER_ENVIRONMENT", "sandbox"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let env: HashMap<String, String> = [("LEVER_TABLES", "users, notes"), ("LEVER_ENVIRONMENT", "sandbox")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         r.apply_env(&env).unwrap();
         let c = r.validate(NOW).unwrap();
         assert_eq!(
@@ -475,10 +435,7 @@ mod tests {
                 Box::new(|r| r.lever.start_date = Some("31/01/2024".into())),
                 "YYYY-MM-DD",
             ),
-            (
-                Box::new(|r| r.lever.start_date = Some("2099-01-01".into())),
-                "future",
-            ),
+            (Box::new(|r| r.lever.start_date = Some("2099-01-01".into())), "future"),
             (
                 Box::new(|r| r.lever.tables = Some(vec!["candidates".into()])),
                 "unknown table `candidates`",
@@ -491,10 +448,7 @@ mod tests {
                 Box::new(|r| r.bigquery.api_url = Some("https://bigquery.googleapis.com".into())),
                 "emulator credentials",
             ),
-            (
-                Box::new(|r| r.bigquery.emulator = None),
-                "no BigQuery credentials",
-            ),
+            (Box::new(|r| r.bigquery.emulator = None), "no BigQuery credentials"),
             (Box::new(|r| r.lever.rate_per_sec = Some(0.0)), "positive"),
         ];
         for (mutate, expected) in cases {

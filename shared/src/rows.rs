@@ -27,8 +27,7 @@ pub struct RowMeta<'a> {
 
 /// Epoch milliseconds as the RFC 3339 text both BigQuery and the emulator read the same way.
 pub fn timestamp_text(ms: i64) -> Option<String> {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    DateTime::<Utc>::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -109,15 +108,13 @@ pub fn to_row(
     let mut row = Map::with_capacity(columns.len() + 2);
     for c in columns {
         let value = match c.source {
-            Source::Field(path) => {
-                convert(c.ty, lookup(record, path)).map_err(|found| RowError {
-                    table: table.name,
-                    id: id.to_owned(),
-                    column: c.name,
-                    expected: c.ty.sql_name(),
-                    found,
-                })?
-            }
+            Source::Field(path) => convert(c.ty, lookup(record, path)).map_err(|found| RowError {
+                table: table.name,
+                id: id.to_owned(),
+                column: c.name,
+                expected: c.ty.sql_name(),
+                found,
+            })?,
             Source::ParentId => parent_id.map_or(Value::Null, |p| Value::String(p.to_owned())),
         };
         row.insert(c.name.to_owned(), value);
@@ -164,10 +161,7 @@ mod tests {
             timestamp_text(1_628_509_001_183).as_deref(),
             Some("2021-08-09T11:36:41.183Z")
         );
-        assert_eq!(
-            timestamp_text(0).as_deref(),
-            Some("1970-01-01T00:00:00.000Z")
-        );
+        assert_eq!(timestamp_text(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
     }
 
     #[test]
@@ -197,14 +191,7 @@ mod tests {
     #[test]
     fn child_rows_take_the_parent_from_the_path() {
         let t = table("notes").unwrap();
-        let row = to_row(
-            t,
-            &all(t),
-            &json!({"id": "n1", "secret": true}),
-            Some("opp-9"),
-            &META,
-        )
-        .unwrap();
+        let row = to_row(t, &all(t), &json!({"id": "n1", "secret": true}), Some("opp-9"), &META).unwrap();
         assert_eq!(row["opportunity_id"], json!("opp-9"));
     }
 
@@ -232,14 +219,7 @@ mod tests {
     #[test]
     fn integral_floats_are_accepted_as_integers() {
         let t = table("interviews").unwrap();
-        let row = to_row(
-            t,
-            &all(t),
-            &json!({"id": "i1", "duration": 30.0}),
-            Some("o"),
-            &META,
-        )
-        .unwrap();
+        let row = to_row(t, &all(t), &json!({"id": "i1", "duration": 30.0}), Some("o"), &META).unwrap();
         assert_eq!(row["duration"], json!(30));
     }
 }

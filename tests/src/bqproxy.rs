@@ -51,19 +51,11 @@ impl BqProxy {
     }
 
     pub fn fail(&self, fault: BqFault) {
-        self.inner
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(fault);
+        self.inner.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
     }
 
     pub fn clear(&self) {
-        self.inner
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.inner.faults.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// How many requests a fault answered.
@@ -72,20 +64,13 @@ impl BqProxy {
     }
 }
 
-async fn forward(
-    State(p): State<Inner>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn forward(State(p): State<Inner>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_owned();
     let injected = {
         let mut faults = p.faults.lock().unwrap_or_else(|e| e.into_inner());
         let text = String::from_utf8_lossy(&body);
         let hit = faults.iter().position(|f| {
-            path.contains(&f.path_contains)
-                && f.body_contains.as_deref().is_none_or(|b| text.contains(b))
+            path.contains(&f.path_contains) && f.body_contains.as_deref().is_none_or(|b| text.contains(b))
         });
         hit.map(|i| {
             let status = faults[i].status;
@@ -98,11 +83,7 @@ async fn forward(
     };
     if let Some(status) = injected {
         *p.hits.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        let reason = if status >= 500 {
-            "backendError"
-        } else {
-            "invalid"
-        };
+        let reason = if status >= 500 { "backendError" } else { "invalid" };
         let body = json!({"error": {"code": status, "message": "injected failure", "errors": [{"reason": reason, "message": "injected failure"}], "status": "UNAVAILABLE"}});
         return (
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -111,11 +92,7 @@ async fn forward(
         )
             .into_response();
     }
-    let url = format!(
-        "{}{}",
-        p.upstream,
-        uri.path_and_query().map_or("", |q| q.as_str())
-    );
+    let url = format!("{}{}", p.upstream, uri.path_and_query().map_or("", |q| q.as_str()));
     let m = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
     let mut req = p.http.request(m, url).body(body.to_vec());
     for name in ["content-type", "authorization"] {
@@ -125,8 +102,7 @@ async fn forward(
     }
     match req.send().await {
         Ok(resp) => {
-            let status =
-                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let ct = resp
                 .headers()
                 .get("content-type")

@@ -23,8 +23,9 @@ pub const START_MS: i64 = 1_577_836_800_000;
 
 /// The emulator's root URL, from `BIGQUERY_EMULATOR_URL` (the Makefile starts it).
 pub fn emulator_url() -> String {
-    std::env::var("BIGQUERY_EMULATOR_URL")
-        .unwrap_or_else(|_| panic!("BIGQUERY_EMULATOR_URL is not set: run the tests with `make test`, which starts the BigQuery emulator"))
+    std::env::var("BIGQUERY_EMULATOR_URL").unwrap_or_else(|_| {
+        panic!("BIGQUERY_EMULATOR_URL is not set: run the tests with `make test`, which starts the BigQuery emulator")
+    })
 }
 
 /// A dataset name no other test (or earlier run) uses.
@@ -48,12 +49,7 @@ impl Setup {
     /// high because these tests run the simulator without Lever's limit unless they say so.
     pub fn new(sim: &Simulator, prefix: &str) -> Setup {
         let dataset = unique_dataset(prefix);
-        let api_key = sim
-            .shared
-            .config
-            .lock()
-            .map(|c| c.api_key.clone())
-            .unwrap_or_default();
+        let api_key = sim.shared.config.lock().map(|c| c.api_key.clone()).unwrap_or_default();
         let raw = RawConfig::from_toml(&format!(
             r#"
             [lever]
@@ -96,16 +92,12 @@ impl Setup {
     }
 
     pub async fn syncer_as(&self, owner: &str) -> Syncer {
-        syncer_for(self.config(), owner)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
+        syncer_for(self.config(), owner).await.unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
 pub async fn syncer_for(cfg: Config, owner: &str) -> Result<Syncer, String> {
-    let wh = Warehouse::connect(&cfg.warehouse)
-        .await
-        .map_err(|e| e.to_string())?;
+    let wh = Warehouse::connect(&cfg.warehouse).await.map_err(|e| e.to_string())?;
     let lever = LeverClient::new(
         cfg.lever.api_key.clone(),
         lever_sync::lever::ClientConfig {
@@ -121,23 +113,14 @@ pub async fn syncer_for(cfg: Config, owner: &str) -> Result<Syncer, String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    Ok(Syncer::new(
-        Arc::new(cfg),
-        lever,
-        wh,
-        owner.to_owned(),
-        system_clock(),
-    ))
+    Ok(Syncer::new(Arc::new(cfg), lever, wh, owner.to_owned(), system_clock()))
 }
 
 /// Runs every stream of `syncer` to the end of a run.
 pub async fn sync_all(syncer: &Syncer) -> Result<(), String> {
     syncer.setup().await.map_err(|e| e.to_string())?;
     for stream in syncer.config().streams() {
-        syncer
-            .sync_stream(stream)
-            .await
-            .map_err(|e| format!("{stream}: {e}"))?;
+        syncer.sync_stream(stream).await.map_err(|e| format!("{stream}: {e}"))?;
     }
     Ok(())
 }
@@ -172,9 +155,7 @@ fn lookup<'v>(record: &'v Value, path: &str) -> &'v Value {
 fn cell_ms(cell: &Value) -> Option<i64> {
     let s = cell.as_str()?;
     if s.contains(['E', 'e', '.']) {
-        s.parse::<f64>()
-            .ok()
-            .map(|secs| (secs * 1000.0).round() as i64)
+        s.parse::<f64>().ok().map(|secs| (secs * 1000.0).round() as i64)
     } else {
         s.parse::<i64>().ok().map(|us| us / 1000)
     }
@@ -230,8 +211,7 @@ fn cell_matches(ty: ColumnType, raw: &Value, cell: &Value) -> Result<(), String>
             }
         }
         (ColumnType::Int64, Value::Number(n)) => {
-            if cell.as_str().and_then(|s| s.parse::<i64>().ok())
-                == n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))
+            if cell.as_str().and_then(|s| s.parse::<i64>().ok()) == n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))
             {
                 Ok(())
             } else {
@@ -273,11 +253,7 @@ fn cell_matches(ty: ColumnType, raw: &Value, cell: &Value) -> Result<(), String>
 
 /// Asserts that `rows` (read back from BigQuery) hold exactly `truth`: the same ids, no id twice,
 /// and every catalog column equal to the Lever value, typed.
-pub fn assert_matches_truth(
-    table: &TableDef,
-    rows: &[Map<String, Value>],
-    truth: &[(Value, Option<String>)],
-) {
+pub fn assert_matches_truth(table: &TableDef, rows: &[Map<String, Value>], truth: &[(Value, Option<String>)]) {
     let mut by_id: HashMap<String, &Map<String, Value>> = HashMap::new();
     for r in rows {
         let id = r
@@ -293,24 +269,10 @@ pub fn assert_matches_truth(
     }
     let want_ids: BTreeMap<String, &(Value, Option<String>)> = truth
         .iter()
-        .map(|t| {
-            (
-                t.0.get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                t,
-            )
-        })
+        .map(|t| (t.0.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(), t))
         .collect();
-    let missing: Vec<&String> = want_ids
-        .keys()
-        .filter(|id| !by_id.contains_key(*id))
-        .collect();
-    let extra: Vec<&String> = by_id
-        .keys()
-        .filter(|id| !want_ids.contains_key(*id))
-        .collect();
+    let missing: Vec<&String> = want_ids.keys().filter(|id| !by_id.contains_key(*id)).collect();
+    let extra: Vec<&String> = by_id.keys().filter(|id| !want_ids.contains_key(*id)).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "{}: {} missing {:?}, {} extra {:?}",
@@ -430,10 +392,7 @@ pub async fn fast_sim(world: crate::world::World) -> Simulator {
 pub async fn duplicate_ids(wh: &Warehouse, table: &str) -> Vec<String> {
     let rows = wh
         .query(
-            &format!(
-                "SELECT id FROM {} GROUP BY id HAVING COUNT(*) > 1",
-                wh.table_ref(table)
-            ),
+            &format!("SELECT id FROM {} GROUP BY id HAVING COUNT(*) > 1", wh.table_ref(table)),
             &[],
         )
         .await

@@ -83,6 +83,7 @@ pub struct EndpointStats {
     pub requests: u64,
     pub throttled: u64,
     pub records: u64,
+    pub not_found: u64,
 }
 
 struct Bucket {
@@ -114,11 +115,7 @@ impl Simulator {
         Self::start_on(world, config, 0).await
     }
 
-    pub async fn start_on(
-        world: World,
-        config: SimConfig,
-        port: u16,
-    ) -> std::io::Result<Simulator> {
+    pub async fn start_on(world: World, config: SimConfig, port: u16) -> std::io::Result<Simulator> {
         let burst = config.rate.map_or(0.0, |(_, b)| b);
         let shared = Arc::new(Shared {
             world: Mutex::new(world),
@@ -215,10 +212,7 @@ fn decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(b) => {
                         out.push(b);
                         i += 2;
@@ -255,19 +249,13 @@ fn fingerprint(label: &str, q: &[(String, String)]) -> u64 {
 }
 
 fn token(fp: u64, offset: usize) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(json!({"q": fp.to_string(), "o": offset}).to_string())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!({"q": fp.to_string(), "o": offset}).to_string())
 }
 
 fn read_token(t: &str) -> Option<(u64, usize)> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(t)
-        .ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
-    Some((
-        v.get("q")?.as_str()?.parse().ok()?,
-        v.get("o")?.as_u64()? as usize,
-    ))
+    Some((v.get("q")?.as_str()?.parse().ok()?, v.get("o")?.as_u64()? as usize))
 }
 
 enum Gate {
@@ -292,16 +280,9 @@ async fn gate(s: &Shared, label: &str, headers: &HeaderMap, has_token: bool) -> 
         .and_then(|v| v.strip_prefix("Basic "))
         .is_some_and(|v| v.trim() == expected);
     if !auth_ok {
-        return Gate::Reply(error(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "Invalid API key",
-        ));
+        return Gate::Reply(error(StatusCode::UNAUTHORIZED, "Unauthorized", "Invalid API key"));
     }
-    if cfg
-        .forbidden
-        .contains(label.split('+').next().unwrap_or(label))
-    {
+    if cfg.forbidden.contains(label.split('+').next().unwrap_or(label)) {
         return Gate::Reply(error(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -315,10 +296,7 @@ async fn gate(s: &Shared, label: &str, headers: &HeaderMap, has_token: bool) -> 
         b.last = now;
         if b.tokens < 1.0 {
             drop(b);
-            lock(&s.stats)
-                .entry(label.to_owned())
-                .or_default()
-                .throttled += 1;
+            lock(&s.stats).entry(label.to_owned()).or_default().throttled += 1;
             let mut r = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TooManyRequests",
@@ -335,8 +313,7 @@ async fn gate(s: &Shared, label: &str, headers: &HeaderMap, has_token: bool) -> 
     let fault = {
         let mut faults = lock(&s.faults);
         let pos = faults.iter().position(|f| {
-            f.label.as_deref().is_none_or(|l| l == label)
-                && (f.kind != FaultKind::InvalidOffset || has_token)
+            f.label.as_deref().is_none_or(|l| l == label) && (f.kind != FaultKind::InvalidOffset || has_token)
         });
         pos.map(|p| {
             let kind = faults[p].kind.clone();
@@ -353,10 +330,7 @@ async fn gate(s: &Shared, label: &str, headers: &HeaderMap, has_token: bool) -> 
             Gate::Reply(error(st, "ServerError", "Injected failure"))
         }
         Some(FaultKind::Throttle { retry_after_secs }) => {
-            lock(&s.stats)
-                .entry(label.to_owned())
-                .or_default()
-                .throttled += 1;
+            lock(&s.stats).entry(label.to_owned()).or_default().throttled += 1;
             let mut r = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "TooManyRequests",
@@ -369,11 +343,9 @@ async fn gate(s: &Shared, label: &str, headers: &HeaderMap, has_token: bool) -> 
             }
             Gate::Reply(r)
         }
-        Some(FaultKind::InvalidOffset) => Gate::Reply(error(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "Invalid offset token",
-        )),
+        Some(FaultKind::InvalidOffset) => {
+            Gate::Reply(error(StatusCode::BAD_REQUEST, "BadRequest", "Invalid offset token"))
+        }
         Some(FaultKind::Delay(d)) => {
             tokio::time::sleep(d).await;
             Gate::Pass(None)
@@ -395,10 +367,7 @@ fn page(
     records.sort_by_cached_key(|r| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         seed.hash(&mut h);
-        r.get("id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .hash(&mut h);
+        r.get("id").and_then(Value::as_str).unwrap_or_default().hash(&mut h);
         h.finish()
     });
     let limit = param(q, "limit")
@@ -410,20 +379,11 @@ fn page(
         None => 0,
         Some(t) => match read_token(t) {
             Some((tfp, o)) if tfp == fp => o,
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    "Invalid offset token",
-                )
-            }
+            _ => return error(StatusCode::BAD_REQUEST, "BadRequest", "Invalid offset token"),
         },
     };
     let end = (offset + limit).min(records.len());
-    let data: Vec<Value> = records
-        .get(offset..end)
-        .map(<[Value]>::to_vec)
-        .unwrap_or_default();
+    let data: Vec<Value> = records.get(offset..end).map(<[Value]>::to_vec).unwrap_or_default();
     lock(&s.stats).entry(label.to_owned()).or_default().records += data.len() as u64;
     let has_next = end < records.len();
     let mut body = json!({"data": data, "hasNext": has_next});
@@ -444,12 +404,7 @@ fn page(
         }
         _ => {}
     }
-    (
-        StatusCode::OK,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
 fn in_range(v: Option<i64>, start: Option<&str>, end: Option<&str>) -> bool {
@@ -464,11 +419,7 @@ fn in_range(v: Option<i64>, start: Option<&str>, end: Option<&str>) -> bool {
     }
 }
 
-async fn list_opportunities(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Response {
+async fn list_opportunities(State(s): State<Arc<Shared>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     let q = parse_query(raw);
     let expand = params(&q, "expand").contains(&"applications");
     // The walk that carries applications is counted apart from plain opportunity walks.
@@ -513,11 +464,7 @@ async fn list_opportunities(
     page(&s, label, &q, records, fault)
 }
 
-async fn list_deleted(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Response {
+async fn list_deleted(State(s): State<Arc<Shared>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     let q = parse_query(raw);
     let fault = match gate(&s, "deleted", &headers, param(&q, "offset").is_some()).await {
         Gate::Reply(r) => return r,
@@ -564,31 +511,20 @@ async fn list_children(
         )
     };
     if !exists {
-        return error(
-            StatusCode::NOT_FOUND,
-            "ResourceNotFound",
-            "Opportunity not found",
-        );
+        return error(StatusCode::NOT_FOUND, "ResourceNotFound", "Opportunity not found");
     }
     if records.is_empty() && lock(&s.config).child_404_when_empty {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (kind, &id).hash(&mut h);
         if h.finish() % 3 == 0 {
-            return error(
-                StatusCode::NOT_FOUND,
-                "ResourceNotFound",
-                "No records found",
-            );
+            lock(&s.stats).entry(kind.to_string()).or_default().not_found += 1;
+            return error(StatusCode::NOT_FOUND, "ResourceNotFound", "No records found");
         }
     }
     page(&s, kind, &q, records, fault)
 }
 
-async fn list_users(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Response {
+async fn list_users(State(s): State<Arc<Shared>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
     let q = parse_query(raw);
     let fault = match gate(&s, "users", &headers, param(&q, "offset").is_some()).await {
         Gate::Reply(r) => return r,

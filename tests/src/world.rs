@@ -20,26 +20,11 @@ const RECORDED: &[(&str, &str)] = &[
         "applications",
         include_str!("../fixtures/lever-recorded/applications.json"),
     ),
-    (
-        "interviews",
-        include_str!("../fixtures/lever-recorded/interviews.json"),
-    ),
-    (
-        "notes",
-        include_str!("../fixtures/lever-recorded/notes.json"),
-    ),
-    (
-        "offers",
-        include_str!("../fixtures/lever-recorded/offers.json"),
-    ),
-    (
-        "referrals",
-        include_str!("../fixtures/lever-recorded/referrals.json"),
-    ),
-    (
-        "users",
-        include_str!("../fixtures/lever-recorded/users.json"),
-    ),
+    ("interviews", include_str!("../fixtures/lever-recorded/interviews.json")),
+    ("notes", include_str!("../fixtures/lever-recorded/notes.json")),
+    ("offers", include_str!("../fixtures/lever-recorded/offers.json")),
+    ("referrals", include_str!("../fixtures/lever-recorded/referrals.json")),
+    ("users", include_str!("../fixtures/lever-recorded/users.json")),
 ];
 const RECORDED_PARENTS: &str = include_str!("../fixtures/lever-recorded/parents.json");
 
@@ -68,10 +53,7 @@ pub struct World {
 }
 
 fn id(v: &Value) -> String {
-    v.get("id")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned()
+    v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned()
 }
 
 pub fn now_ms() -> i64 {
@@ -235,23 +217,14 @@ impl World {
         w
     }
 
-    fn generate_opportunity(
-        &mut self,
-        rng: &mut StdRng,
-        users: &[String],
-        v: &Volume,
-        i: usize,
-    ) -> Value {
+    fn generate_opportunity(&mut self, rng: &mut StdRng, users: &[String], v: &Volume, i: usize) -> Value {
         let oid = uuid(rng);
         let user = users[rng.random_range(0..users.len())].clone();
         let roll = rng.random_range(0..100);
         // 4 % legacy records (never edited since updatedAt existed), 4 % changed before any
         // reasonable start date, the rest spread over the volume's period.
         let (created, updated) = if roll < 4 {
-            (
-                rng.random_range(v.from_ms..v.from_ms + 30 * 86_400_000),
-                None,
-            )
+            (rng.random_range(v.from_ms..v.from_ms + 30 * 86_400_000), None)
         } else if roll < 8 {
             let c = rng.random_range(1_400_000_000_000..1_450_000_000_000);
             (c, Some(c + 1000))
@@ -313,10 +286,7 @@ impl World {
         let children = self.generate_children(rng, users, created, i);
         for (kind, recs) in children {
             if !recs.is_empty() {
-                self.children
-                    .entry(kind)
-                    .or_default()
-                    .insert(oid.clone(), recs);
+                self.children.entry(kind).or_default().insert(oid.clone(), recs);
             }
         }
         opp
@@ -397,10 +367,7 @@ impl World {
     }
 
     fn rng(&mut self) -> StdRng {
-        self.rng_state = self
-            .rng_state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1);
+        self.rng_state = self.rng_state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         StdRng::seed_from_u64(self.rng_state)
     }
 
@@ -502,12 +469,7 @@ impl World {
         let Some(o) = self.opportunities.remove(id) else {
             return false;
         };
-        for a in o
-            .get("applications")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for a in o.get("applications").and_then(Value::as_array).into_iter().flatten() {
             if let Some(aid) = a.as_str() {
                 self.applications.remove(aid);
             }
@@ -518,8 +480,7 @@ impl World {
             }
         }
         let t = self.stamp();
-        self.deleted
-            .push(json!({"id": id, "deletedAt": t, "deletedBy": null}));
+        self.deleted.push(json!({"id": id, "deletedAt": t, "deletedBy": null}));
         true
     }
 
@@ -547,10 +508,7 @@ impl World {
     pub fn truth(&self, table: &str, start_ms: i64) -> Vec<(Value, Option<String>)> {
         let scoped = self.scoped_opportunities(start_ms);
         match table {
-            "opportunities" => scoped
-                .into_iter()
-                .map(|o| (self.expanded(o), None))
-                .collect(),
+            "opportunities" => scoped.into_iter().map(|o| (self.expanded(o), None)).collect(),
             "applications" => scoped
                 .into_iter()
                 .flat_map(|o| self.applications_of(o))
@@ -636,10 +594,7 @@ mod tests {
             a.opportunities.values().any(|o| o["updatedAt"].is_null()),
             "legacy rows"
         );
-        assert!(a
-            .opportunities
-            .values()
-            .any(|o| o["confidentiality"] == "confidential"));
+        assert!(a.opportunities.values().any(|o| o["confidentiality"] == "confidential"));
         assert!(
             a.scoped_opportunities(1_500_000_000_000).len() < a.opportunities.len(),
             "some out of scope"

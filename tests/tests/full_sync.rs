@@ -16,9 +16,7 @@ async fn full_sync_of_recorded_and_generated_records_equals_the_truth() {
     let scoped = w.scoped_opportunities(START_MS);
     assert!(scoped.len() >= 500);
     assert!(
-        scoped
-            .iter()
-            .any(|o| o["confidentiality"] == "confidential"),
+        scoped.iter().any(|o| o["confidentiality"] == "confidential"),
         "confidential opportunities are in scope"
     );
     assert!(
@@ -44,11 +42,7 @@ async fn a_child_table_alone_walks_opportunities_without_syncing_them() {
     sync_all(&syncer).await.unwrap();
     assert_dataset_matches(&syncer, &sim, &["notes"]).await;
     assert_eq!(
-        syncer
-            .warehouse()
-            .table_columns("opportunities")
-            .await
-            .unwrap(),
+        syncer.warehouse().table_columns("opportunities").await.unwrap(),
         None,
         "tables not picked are never created"
     );

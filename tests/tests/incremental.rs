@@ -1,8 +1,6 @@
 //! Later runs: incremental tables fetch only what changed; full-refresh tables match again.
 
-use lever_sim::harness::{
-    assert_dataset_matches, duplicate_ids, fast_sim, read_table, sync_all, Setup, ALL_TABLES,
-};
+use lever_sim::harness::{assert_dataset_matches, duplicate_ids, fast_sim, read_table, sync_all, Setup, ALL_TABLES};
 use lever_sim::world::{Volume, World};
 use serde_json::{json, Value};
 
@@ -59,10 +57,7 @@ async fn a_second_sync_fetches_only_changed_opportunities_and_ends_equal_to_the_
     assert_dataset_matches(&syncer, &sim, &ALL_TABLES).await;
 
     let stats = sim.stats();
-    let walked = stats
-        .get("opportunities+applications")
-        .cloned()
-        .unwrap_or_default();
+    let walked = stats.get("opportunities+applications").cloned().unwrap_or_default();
     assert_eq!(
         walked.records,
         changed.len() as u64,
@@ -76,11 +71,7 @@ async fn a_second_sync_fetches_only_changed_opportunities_and_ends_equal_to_the_
         .find(|r| r["id"] == Value::String(anonymised.clone()))
         .unwrap();
     assert_eq!(row["is_anonymized"], json!("true"));
-    assert_eq!(
-        row["emails"],
-        json!([]),
-        "the anonymised person's emails are gone"
-    );
+    assert_eq!(row["emails"], json!([]), "the anonymised person's emails are gone");
     for t in ALL_TABLES {
         assert!(
             duplicate_ids(syncer.warehouse(), t).await.is_empty(),

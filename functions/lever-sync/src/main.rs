@@ -38,8 +38,7 @@ enum Command {
 fn load_config(path: Option<&str>, tables: &[String]) -> anyhow::Result<Config> {
     let mut raw = match path {
         Some(p) => RawConfig::from_toml(
-            &std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read the config file {p}"))?,
+            &std::fs::read_to_string(p).with_context(|| format!("cannot read the config file {p}"))?,
         )?,
         None => RawConfig::default(),
     };
@@ -77,8 +76,7 @@ fn lever_client(cfg: &Config) -> anyhow::Result<LeverClient> {
 #[tokio::main]
 async fn main() {
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if json {
         tracing_subscriber::fmt()
             .json()
@@ -116,11 +114,7 @@ async fn check(path: Option<&str>) -> anyhow::Result<()> {
     let lever = lever_client(&cfg)?;
     let mut failures = Vec::new();
     let first = lever
-        .list_page(
-            "/opportunities",
-            &[("confidentiality", "all".to_owned())],
-            None,
-        )
+        .list_page("/opportunities", &[("confidentiality", "all".to_owned())], None)
         .await;
     let sample = match first {
         Ok(p) => {
@@ -140,9 +134,7 @@ async fn check(path: Option<&str>) -> anyhow::Result<()> {
     if failures.is_empty() {
         for t in &cfg.tables {
             let path = match (t.origin, &sample) {
-                (lever_sync::catalog::Origin::List { path }, _) if path != "/opportunities" => {
-                    path.to_owned()
-                }
+                (lever_sync::catalog::Origin::List { path }, _) if path != "/opportunities" => path.to_owned(),
                 (lever_sync::catalog::Origin::PerParent { path, .. }, Some(id)) => {
                     format!("/opportunities/{id}/{path}")
                 }
@@ -240,10 +232,7 @@ async fn sync(path: Option<&str>, tables: &[String]) -> anyhow::Result<()> {
         stats.throttled
     );
     if !failed.is_empty() {
-        bail!(
-            "{} failed; the next sync resumes where it stopped",
-            failed.join(", ")
-        );
+        bail!("{} failed; the next sync resumes where it stopped", failed.join(", "));
     }
     Ok(())
 }

@@ -82,17 +82,9 @@ pub enum LeverError {
     #[error("Lever refused the paging token for {path} (400 Invalid offset token)")]
     InvalidOffset { path: String },
     #[error("Lever answered {status} for {path}: {message}")]
-    Rejected {
-        path: String,
-        status: u16,
-        message: String,
-    },
+    Rejected { path: String, status: u16, message: String },
     #[error("{path} still failed after {attempts} attempts: {last}")]
-    GaveUp {
-        path: String,
-        attempts: u32,
-        last: String,
-    },
+    GaveUp { path: String, attempts: u32, last: String },
     #[error("{path} answered hasNext=true without a next token: refusing to stop early")]
     MissingNextToken { path: String },
     #[error("{path} answered with a body that is not a Lever list: {detail}")]
@@ -117,9 +109,7 @@ impl LeverError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            LeverError::GaveUp { .. }
-                | LeverError::Malformed { .. }
-                | LeverError::InvalidOffset { .. }
+            LeverError::GaveUp { .. } | LeverError::Malformed { .. } | LeverError::InvalidOffset { .. }
         )
     }
 }
@@ -286,19 +276,12 @@ impl LeverClient {
                         .and_then(parse_retry_after);
                     let body = resp.text().await;
                     match (classify_status(status), body) {
-                        (_, Err(e)) => (
-                            format!("reading the body failed: {}", without_url(&e)),
-                            None,
-                        ),
+                        (_, Err(e)) => (format!("reading the body failed: {}", without_url(&e)), None),
                         (Verdict::Success, Ok(body)) => {
                             self.limiter.on_success();
                             match parse_page(&body) {
                                 Ok(Some(page)) => return Ok(page),
-                                Ok(None) => {
-                                    return Err(LeverError::MissingNextToken {
-                                        path: path.to_owned(),
-                                    })
-                                }
+                                Ok(None) => return Err(LeverError::MissingNextToken { path: path.to_owned() }),
                                 // A body cut short is usually a dropped connection: send again.
                                 Err(detail) => (format!("malformed body: {detail}"), None),
                             }
@@ -310,14 +293,9 @@ impl LeverClient {
                                 });
                                 self.limiter.on_throttled();
                             }
-                            (
-                                format!("HTTP {status} {}", error_message(&body)),
-                                retry_after,
-                            )
+                            (format!("HTTP {status} {}", error_message(&body)), retry_after)
                         }
-                        (Verdict::Fail, Ok(body)) => {
-                            return Err(self.permanent(path, status, &body))
-                        }
+                        (Verdict::Fail, Ok(body)) => return Err(self.permanent(path, status, &body)),
                     }
                 }
             };
@@ -354,15 +332,9 @@ impl LeverClient {
             401 => LeverError::Unauthorized {
                 environment: self.cfg.environment.name(),
             },
-            403 => LeverError::Forbidden {
-                path: path.to_owned(),
-            },
-            404 => LeverError::NotFound {
-                path: path.to_owned(),
-            },
-            400 if message.contains("Invalid offset token") => LeverError::InvalidOffset {
-                path: path.to_owned(),
-            },
+            403 => LeverError::Forbidden { path: path.to_owned() },
+            404 => LeverError::NotFound { path: path.to_owned() },
+            400 if message.contains("Invalid offset token") => LeverError::InvalidOffset { path: path.to_owned() },
             _ => LeverError::Rejected {
                 path: path.to_owned(),
                 status,
@@ -389,8 +361,8 @@ fn without_url(e: &reqwest::Error) -> String {
 /// Parses Lever's list envelope. `Ok(None)` = `hasNext` without a `next` token.
 /// A bare JSON array is accepted as a single last page (some child endpoints may not page).
 pub fn parse_page(body: &str) -> Result<Option<Page>, String> {
-    let v: Value = serde_json::from_str(body)
-        .map_err(|e| format!("invalid JSON at line {} column {}", e.line(), e.column()))?;
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| format!("invalid JSON at line {} column {}", e.line(), e.column()))?;
     match v {
         Value::Array(data) => Ok(Some(Page { data, next: None })),
         Value::Object(mut obj) => {
@@ -407,10 +379,7 @@ pub fn parse_page(body: &str) -> Result<Option<Page>, String> {
                 .map(str::to_owned);
             match (has_next, next) {
                 (true, None) => Ok(None),
-                (true, Some(n)) => Ok(Some(Page {
-                    data,
-                    next: Some(n),
-                })),
+                (true, Some(n)) => Ok(Some(Page { data, next: Some(n) })),
                 (false, _) => Ok(Some(Page { data, next: None })),
             }
         }
@@ -439,12 +408,8 @@ mod tests {
 
     #[test]
     fn has_next_without_next_is_refused() {
-        assert!(parse_page(r#"{"data":[],"hasNext":true}"#)
-            .unwrap()
-            .is_none());
-        assert!(parse_page(r#"{"data":[],"hasNext":true,"next":""}"#)
-            .unwrap()
-            .is_none());
+        assert!(parse_page(r#"{"data":[],"hasNext":true}"#).unwrap().is_none());
+        assert!(parse_page(r#"{"data":[],"hasNext":true,"next":""}"#).unwrap().is_none());
     }
 
     #[test]

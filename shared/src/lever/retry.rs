@@ -46,12 +46,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The wait before attempt `attempt + 1` (`attempt` counts from 1), or `None` when the budget
     /// is spent. A server's `Retry-After` wins over our backoff, within the same budget.
-    pub fn next_wait(
-        &self,
-        attempt: u32,
-        waited: Duration,
-        retry_after: Option<Duration>,
-    ) -> Option<Duration> {
+    pub fn next_wait(&self, attempt: u32, waited: Duration, retry_after: Option<Duration>) -> Option<Duration> {
         if attempt >= self.max_attempts {
             return None;
         }
@@ -63,8 +58,7 @@ impl RetryPolicy {
                     .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
                 let cap = exp.min(self.max_delay);
                 // Full jitter keeps concurrent tasks from retrying in lockstep.
-                let ms =
-                    rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64);
+                let ms = rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64);
                 Duration::from_millis(ms)
             }
         };

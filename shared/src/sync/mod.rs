@@ -87,11 +87,7 @@ pub struct RunSummary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WindowOutcome {
     /// A window was done; another is needed.
-    Continue {
-        run_id: String,
-        hop: i64,
-        rows: usize,
-    },
+    Continue { run_id: String, hop: i64, rows: usize },
     /// The run finished with this window.
     Finished(RunSummary),
     /// Another chain holds the stream's lease.
@@ -110,17 +106,10 @@ struct Staged {
 }
 
 impl Staged {
-    fn push(
-        &mut self,
-        record: &Value,
-        parent: Option<&str>,
-        meta: &RowMeta<'_>,
-        window: i64,
-    ) -> Result<(), SyncError> {
+    fn push(&mut self, record: &Value, parent: Option<&str>, meta: &RowMeta<'_>, window: i64) -> Result<(), SyncError> {
         let mut row = rows::to_row(self.table, &self.columns, record, parent, meta)?;
         row.insert(WINDOW.to_owned(), Value::from(window));
-        serde_json::to_writer(&mut self.ndjson, &row)
-            .map_err(|e| SyncError::Invariant(e.to_string()))?;
+        serde_json::to_writer(&mut self.ndjson, &row).map_err(|e| SyncError::Invariant(e.to_string()))?;
         self.ndjson.push(b'\n');
         self.rows += 1;
         Ok(())
@@ -170,13 +159,7 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    pub fn new(
-        cfg: Arc<Config>,
-        lever: LeverClient,
-        wh: Warehouse,
-        owner: String,
-        clock: Clock,
-    ) -> Self {
+    pub fn new(cfg: Arc<Config>, lever: LeverClient, wh: Warehouse, owner: String, clock: Clock) -> Self {
         let store = StateStore::new(wh.clone());
         Syncer {
             cfg,
@@ -245,24 +228,16 @@ impl Syncer {
                         "{stream} is being synced by another run right now; try again later"
                     )))
                 }
-                WindowOutcome::Stale => {
-                    return Err(SyncError::Invariant(format!(
-                        "{stream}: window already done"
-                    )))
-                }
+                WindowOutcome::Stale => return Err(SyncError::Invariant(format!("{stream}: window already done"))),
             }
         }
     }
 
     /// Runs one window of `stream`. With `expected_hop` (an event's hop), a window that is
     /// already done is recognised and skipped.
-    pub async fn run_window(
-        &self,
-        stream: &str,
-        expected_hop: Option<i64>,
-    ) -> Result<WindowOutcome, SyncError> {
-        let stream_def = catalog::table(stream)
-            .ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
+    pub async fn run_window(&self, stream: &str, expected_hop: Option<i64>) -> Result<WindowOutcome, SyncError> {
+        let stream_def =
+            catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let st = self.store.load(stream).await?;
         if let Some(h) = expected_hop {
             let fresh_start = st.phase == Phase::Idle && h == 0;
@@ -346,11 +321,7 @@ impl Syncer {
                 error: Some(e.to_string()),
             };
             if let Err(he) = self.store.record_run(&rec).await {
-                tracing::warn!(
-                    stream,
-                    error_code = he.code(),
-                    "could not record the failed run"
-                );
+                tracing::warn!(stream, error_code = he.code(), "could not record the failed run");
             }
         }
     }
@@ -501,17 +472,13 @@ impl Syncer {
     ) -> Result<(Page, Option<String>), SyncError> {
         let path = plan::walked_path(stream_def);
         let fixed: &[(&str, &str)] = match stream_def.origin {
-            Origin::PerParent { parent, .. } => {
-                catalog::table(parent).map_or(&[], |p| p.fixed_params)
-            }
+            Origin::PerParent { parent, .. } => catalog::table(parent).map_or(&[], |p| p.fixed_params),
             _ => stream_def.fixed_params,
         };
         let mut params: Vec<(&str, String)> = fixed
             .iter()
             // Child walks need only the parents' ids, not their applications.
-            .filter(|(k, _)| {
-                !(matches!(stream_def.origin, Origin::PerParent { .. }) && *k == "expand")
-            })
+            .filter(|(k, _)| !(matches!(stream_def.origin, Origin::PerParent { .. }) && *k == "expand"))
             .map(|(k, v)| (*k, (*v).to_owned()))
             .collect();
         params.extend(q.params.iter().map(|(k, v)| (k.as_str(), v.clone())));
@@ -522,9 +489,7 @@ impl Syncer {
                     let next = page.next.clone();
                     return Ok((page, next));
                 }
-                Err(LeverError::InvalidOffset { .. })
-                    if position.is_some() && restarts < MAX_OFFSET_RESTARTS =>
-                {
+                Err(LeverError::InvalidOffset { .. }) if position.is_some() && restarts < MAX_OFFSET_RESTARTS => {
                     restarts += 1;
                     tracing::warn!(
                         stream = stream_def.name,
@@ -548,11 +513,7 @@ impl Syncer {
         let results: Vec<Result<(String, Vec<Value>), SyncError>> = stream::iter(parents)
             .map(|parent| async move {
                 let url = format!("/opportunities/{}/{path}", segment(&parent));
-                let params: Vec<(&str, String)> = t
-                    .fixed_params
-                    .iter()
-                    .map(|(k, v)| (*k, (*v).to_owned()))
-                    .collect();
+                let params: Vec<(&str, String)> = t.fixed_params.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
                 let mut out = Vec::new();
                 let mut token: Option<String> = None;
                 let mut restarts = 0;
@@ -570,9 +531,7 @@ impl Syncer {
                             out.clear();
                             break;
                         }
-                        Err(LeverError::InvalidOffset { .. })
-                            if token.is_some() && restarts < MAX_OFFSET_RESTARTS =>
-                        {
+                        Err(LeverError::InvalidOffset { .. }) if token.is_some() && restarts < MAX_OFFSET_RESTARTS => {
                             restarts += 1;
                             out.clear();
                             token = None;
@@ -588,11 +547,7 @@ impl Syncer {
         results.into_iter().collect()
     }
 
-    async fn finalize(
-        &self,
-        stream: &str,
-        cur: &mut SyncState,
-    ) -> Result<WindowOutcome, SyncError> {
+    async fn finalize(&self, stream: &str, cur: &mut SyncState) -> Result<WindowOutcome, SyncError> {
         let run_id = cur
             .run_id
             .clone()
@@ -605,15 +560,9 @@ impl Syncer {
             // A run whose windows all came back empty may never have created its staging table
             // if it crashed at the very start; an empty one is the truth then.
             self.wh
-                .create_table(
-                    name,
-                    &schema::staging_fields(t, &columns),
-                    Some(STAGING_TTL),
-                )
+                .create_table(name, &schema::staging_fields(t, &columns), Some(STAGING_TTL))
                 .await?;
-            self.wh
-                .execute(&merge_sql(&self.wh, t, &columns, name), &[])
-                .await?;
+            self.wh.execute(&merge_sql(&self.wh, t, &columns, name), &[]).await?;
             let n = self
                 .wh
                 .query(
@@ -660,8 +609,8 @@ impl Syncer {
             started_ms: cur.run_started_ms.unwrap_or(now),
             finished_ms: now,
         };
-        let stream_def = catalog::table(stream)
-            .ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
+        let stream_def =
+            catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let mut done = SyncState::new(stream);
         done.cursor_ms = match stream_def.mode {
             SyncMode::Incremental => cur.run_started_ms,
@@ -684,11 +633,7 @@ impl Syncer {
 
 /// The records inlined in `record` under `field` (expanded applications). Ids instead of
 /// objects mean the expansion did not happen: refusing beats syncing an empty table.
-fn inline_records<'a>(
-    record: &'a Value,
-    field: &str,
-    table: &str,
-) -> Result<Vec<&'a Value>, SyncError> {
+fn inline_records<'a>(record: &'a Value, field: &str, table: &str) -> Result<Vec<&'a Value>, SyncError> {
     match record.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
@@ -697,7 +642,9 @@ fn inline_records<'a>(
                 if i.is_object() {
                     Ok(i)
                 } else {
-                    Err(SyncError::Invariant(format!("{table}: Lever sent ids, not objects, under `{field}`: the expand parameter was ignored")))
+                    Err(SyncError::Invariant(format!(
+                        "{table}: Lever sent ids, not objects, under `{field}`: the expand parameter was ignored"
+                    )))
                 }
             })
             .collect(),
@@ -721,11 +668,7 @@ pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &st
         .map(|n| format!("{n} = S.{n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let insert_values = names
-        .iter()
-        .map(|n| format!("S.{n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let insert_values = names.iter().map(|n| format!("S.{n}")).collect::<Vec<_>>().join(", ");
     let delete = match t.mode {
         SyncMode::FullRefresh => " WHEN NOT MATCHED BY SOURCE THEN DELETE",
         SyncMode::Incremental => "",
@@ -757,12 +700,7 @@ mod tests {
     #[test]
     fn expanded_applications_are_inline_records() {
         let rec = json!({"id": "o", "applications": [{"id": "a"}]});
-        assert_eq!(
-            inline_records(&rec, "applications", "applications")
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(inline_records(&rec, "applications", "applications").unwrap().len(), 1);
         let ids = json!({"id": "o", "applications": ["a"]});
         assert!(inline_records(&ids, "applications", "applications").is_err());
     }

@@ -141,10 +141,7 @@ mod tests {
     const NOW: i64 = 1_700_000_000_000;
 
     fn param<'a>(q: &'a Query, k: &str) -> Option<&'a str> {
-        q.params
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
+        q.params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -160,13 +157,7 @@ mod tests {
     #[test]
     fn a_later_run_reads_from_the_cursor_less_the_overlap() {
         let cursor = NOW - 3_600_000;
-        let q = plan_queries(
-            table("opportunities").unwrap(),
-            START,
-            Some(cursor),
-            NOW,
-            300_000,
-        );
+        let q = plan_queries(table("opportunities").unwrap(), START, Some(cursor), NOW, 300_000);
         assert_eq!(q.len(), 1);
         assert_eq!(
             param(&q[0], "updated_at_start"),

@@ -96,12 +96,8 @@ impl StateStore {
     /// Creates the metadata tables and a state row for each stream that has none. The insert is
     /// one MERGE, so concurrent callers cannot create a stream's row twice.
     pub async fn ensure(&self, streams: &[&str]) -> Result<(), WarehouseError> {
-        self.wh
-            .create_table(STATE_TABLE, STATE_FIELDS, None)
-            .await?;
-        self.wh
-            .create_table(HISTORY_TABLE, HISTORY_FIELDS, None)
-            .await?;
+        self.wh.create_table(STATE_TABLE, STATE_FIELDS, None).await?;
+        self.wh.create_table(HISTORY_TABLE, HISTORY_FIELDS, None).await?;
         if streams.is_empty() {
             return Ok(());
         }
@@ -165,13 +161,8 @@ impl StateStore {
 
     /// Writes `next` if the stored row still has `expected_version`; returns whether it did.
     /// On success the stored version is `expected_version + 1`.
-    pub async fn save(
-        &self,
-        next: &SyncState,
-        expected_version: i64,
-    ) -> Result<bool, WarehouseError> {
-        let queries = serde_json::to_string(&next.queries)
-            .map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
+    pub async fn save(&self, next: &SyncState, expected_version: i64) -> Result<bool, WarehouseError> {
+        let queries = serde_json::to_string(&next.queries).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
         let sql = format!(
             "UPDATE {} SET run_id = @run_id, phase = @phase, queries = @queries, query_index = @query_index, \
              position = @position, cursor = TIMESTAMP_MILLIS(@cursor), run_started_at = TIMESTAMP_MILLIS(@run_started), \
@@ -252,9 +243,7 @@ impl StateStore {
 
 fn decode(rows: &Rows, row: &[Value]) -> Result<SyncState, WarehouseError> {
     let unexpected = |what: &str| WarehouseError::Unexpected(format!("state row: {what}"));
-    let stream = rows
-        .str(row, "stream")
-        .ok_or_else(|| unexpected("no stream"))?;
+    let stream = rows.str(row, "stream").ok_or_else(|| unexpected("no stream"))?;
     let phase = rows
         .str(row, "phase")
         .as_deref()

@@ -46,9 +46,8 @@ pub async fn authenticator(c: &Credentials) -> Result<Arc<dyn Authenticator>, Wa
     Ok(match c {
         Credentials::Emulator => Arc::new(EmulatorToken),
         Credentials::ServiceAccountFile(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                WarehouseError::Credentials(format!("cannot read the key file {path}: {e}"))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| WarehouseError::Credentials(format!("cannot read the key file {path}: {e}")))?;
             from_json(&text).await?
         }
         Credentials::ServiceAccountJson(text) => from_json(text).await?,
@@ -79,8 +78,6 @@ async fn from_json(text: &str) -> Result<Arc<dyn Authenticator>, WarehouseError>
     let auth = yup_oauth2::ServiceAccountAuthenticator::builder(key)
         .build()
         .await
-        .map_err(|e| {
-            WarehouseError::Credentials(format!("the service-account key was refused: {e}"))
-        })?;
+        .map_err(|e| WarehouseError::Credentials(format!("the service-account key was refused: {e}")))?;
     Ok(Arc::new(ServiceAccount(auth)))
 }

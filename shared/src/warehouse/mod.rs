@@ -60,9 +60,7 @@ impl WarehouseError {
 
     pub fn is_retryable(&self) -> bool {
         match self {
-            WarehouseError::Api { transient, .. } | WarehouseError::Job { transient, .. } => {
-                *transient
-            }
+            WarehouseError::Api { transient, .. } | WarehouseError::Job { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -72,11 +70,7 @@ impl WarehouseError {
 fn transient_reason(reason: &str) -> bool {
     matches!(
         reason,
-        "backendError"
-            | "rateLimitExceeded"
-            | "internalError"
-            | "jobBackendError"
-            | "jobRateLimitExceeded"
+        "backendError" | "rateLimitExceeded" | "internalError" | "jobBackendError" | "jobRateLimitExceeded"
     )
 }
 
@@ -109,39 +103,23 @@ fn api_error(op: &'static str, e: BQError) -> WarehouseError {
         ),
         other => (other.to_string(), false),
     };
-    WarehouseError::Api {
-        op,
-        message,
-        transient,
-    }
+    WarehouseError::Api { op, message, transient }
 }
 
-fn job_errors(
-    op: &'static str,
-    errors: &[gcp_bigquery_client::model::error_proto::ErrorProto],
-) -> WarehouseError {
-    let transient = errors
-        .iter()
-        .any(|e| e.reason.as_deref().is_some_and(transient_reason));
+fn job_errors(op: &'static str, errors: &[gcp_bigquery_client::model::error_proto::ErrorProto]) -> WarehouseError {
+    let transient = errors.iter().any(|e| e.reason.as_deref().is_some_and(transient_reason));
     let message = errors
         .iter()
         .map(|e| {
             format!(
                 "{}{}",
                 e.message.as_deref().unwrap_or("error"),
-                e.reason
-                    .as_deref()
-                    .map(|r| format!(" [{r}]"))
-                    .unwrap_or_default()
+                e.reason.as_deref().map(|r| format!(" [{r}]")).unwrap_or_default()
             )
         })
         .collect::<Vec<_>>()
         .join("; ");
-    WarehouseError::Job {
-        op,
-        message,
-        transient,
-    }
+    WarehouseError::Job { op, message, transient }
 }
 
 /// Attempts of one BigQuery call when it fails transiently (5xx, 429, backend errors).
@@ -324,12 +302,7 @@ impl Warehouse {
 
     /// The column names of a table, or `None` when it does not exist.
     pub async fn table_columns(&self, table: &str) -> Result<Option<Vec<String>>, WarehouseError> {
-        match self
-            .bq
-            .table()
-            .get(&self.project, &self.dataset, table, None)
-            .await
-        {
+        match self.bq.table().get(&self.project, &self.dataset, table, None).await {
             Ok(t) => Ok(Some(
                 t.schema
                     .fields
@@ -363,17 +336,10 @@ impl Warehouse {
 
     /// Adds the fields a table lacks (`ALTER TABLE ADD COLUMN`, which both BigQuery and the
     /// emulator honour; the emulator ignores columns added by `tables.patch`).
-    pub async fn add_missing_columns(
-        &self,
-        table: &str,
-        fields: &[Field],
-    ) -> Result<Vec<String>, WarehouseError> {
+    pub async fn add_missing_columns(&self, table: &str, fields: &[Field]) -> Result<Vec<String>, WarehouseError> {
         let existing = self.table_columns(table).await?.unwrap_or_default();
         let mut added = Vec::new();
-        for f in fields
-            .iter()
-            .filter(|f| !existing.iter().any(|e| e == f.name))
-        {
+        for f in fields.iter().filter(|f| !existing.iter().any(|e| e == f.name)) {
             self.execute(
                 &format!(
                     "ALTER TABLE {} ADD COLUMN IF NOT EXISTS `{}` {}",
@@ -390,12 +356,9 @@ impl Warehouse {
     }
 
     pub async fn drop_table(&self, table: &str) -> Result<(), WarehouseError> {
-        self.execute(
-            &format!("DROP TABLE IF EXISTS {}", self.table_ref(table)),
-            &[],
-        )
-        .await
-        .map(|_| ())
+        self.execute(&format!("DROP TABLE IF EXISTS {}", self.table_ref(table)), &[])
+            .await
+            .map(|_| ())
     }
 
     pub async fn list_tables(&self) -> Result<Vec<String>, WarehouseError> {
@@ -443,29 +406,17 @@ impl Warehouse {
     }
 
     /// Runs DML or DDL and returns the number of affected rows (0 for DDL).
-    pub async fn execute(
-        &self,
-        sql: &str,
-        params: &[(&str, Param)],
-    ) -> Result<u64, WarehouseError> {
+    pub async fn execute(&self, sql: &str, params: &[(&str, Param)]) -> Result<u64, WarehouseError> {
         Ok(self.run(sql, params).await?.1)
     }
 
     /// Runs a statement, retrying transient failures a few times. Every statement we send is
     /// safe to repeat: MERGEs converge, state writes are compare-and-set, DDL is idempotent.
-    async fn run(
-        &self,
-        sql: &str,
-        params: &[(&str, Param)],
-    ) -> Result<(Rows, u64), WarehouseError> {
+    async fn run(&self, sql: &str, params: &[(&str, Param)]) -> Result<(Rows, u64), WarehouseError> {
         retry_transient(|| self.run_once(sql, params)).await
     }
 
-    async fn run_once(
-        &self,
-        sql: &str,
-        params: &[(&str, Param)],
-    ) -> Result<(Rows, u64), WarehouseError> {
+    async fn run_once(&self, sql: &str, params: &[(&str, Param)]) -> Result<(Rows, u64), WarehouseError> {
         let resp = self
             .bq
             .job()
@@ -498,9 +449,7 @@ impl Warehouse {
         let deadline = tokio::time::Instant::now() + JOB_WAIT;
         while !complete || page_token.is_some() {
             let Some(job_id) = job_id.as_deref() else {
-                return Err(WarehouseError::Unexpected(
-                    "a query without a job reference".into(),
-                ));
+                return Err(WarehouseError::Unexpected("a query without a job reference".into()));
             };
             if tokio::time::Instant::now() > deadline {
                 return Err(WarehouseError::Job {
@@ -554,24 +503,14 @@ impl Warehouse {
     /// Appends NDJSON rows to `table` with a load job sent as one multipart upload. `job_id` is
     /// deterministic per window so that BigQuery refuses a second run of the same load (409);
     /// finalize deduplicates anyway, since the emulator does not honour job ids.
-    pub async fn load_ndjson(
-        &self,
-        table: &str,
-        job_id: &str,
-        ndjson: Vec<u8>,
-    ) -> Result<(), WarehouseError> {
+    pub async fn load_ndjson(&self, table: &str, job_id: &str, ndjson: Vec<u8>) -> Result<(), WarehouseError> {
         if ndjson.is_empty() {
             return Ok(());
         }
         retry_transient(|| self.load_once(table, job_id, &ndjson)).await
     }
 
-    async fn load_once(
-        &self,
-        table: &str,
-        job_id: &str,
-        ndjson: &[u8],
-    ) -> Result<(), WarehouseError> {
+    async fn load_once(&self, table: &str, job_id: &str, ndjson: &[u8]) -> Result<(), WarehouseError> {
         let token = self
             .auth
             .access_token()
@@ -605,10 +544,7 @@ impl Warehouse {
             .http
             .post(&url)
             .bearer_auth(token)
-            .header(
-                "content-type",
-                format!("multipart/related; boundary={boundary}"),
-            )
+            .header("content-type", format!("multipart/related; boundary={boundary}"))
             .body(body)
             .send()
             .await
@@ -627,16 +563,11 @@ impl Warehouse {
             // The same window's load already ran: look at how it ended.
             json!({"jobReference": {"jobId": job_id}})
         } else if (200..300).contains(&status) {
-            serde_json::from_str(&text)
-                .map_err(|e| WarehouseError::Unexpected(format!("load job response: {e}")))?
+            serde_json::from_str(&text).map_err(|e| WarehouseError::Unexpected(format!("load job response: {e}")))?
         } else {
             let message = serde_json::from_str::<Value>(&text)
                 .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
+                .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or_else(|| format!("HTTP {status}"));
             return Err(WarehouseError::Api {
                 op: "load upload",
@@ -659,10 +590,7 @@ impl Warehouse {
             if job.pointer("/status/state").and_then(Value::as_str) == Some("DONE") {
                 if let Some(err) = job.pointer("/status/errorResult") {
                     let reason = err.get("reason").and_then(Value::as_str).unwrap_or("");
-                    let message = err
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("load failed");
+                    let message = err.get("message").and_then(Value::as_str).unwrap_or("load failed");
                     return Err(WarehouseError::Job {
                         op: "load",
                         message: format!("{message} [{reason}]"),
@@ -686,8 +614,7 @@ impl Warehouse {
                 .get_job(&self.project, job_id, self.location.as_deref())
                 .await
                 .map_err(|e| api_error("job status", e))?;
-            job =
-                serde_json::to_value(&j).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
+            job = serde_json::to_value(&j).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
         }
     }
 }

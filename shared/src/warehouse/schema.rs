@@ -65,18 +65,11 @@ pub fn to_bq(fields: &[Field]) -> TableSchema {
     TableSchema::new(fields)
 }
 
-const META: [Field; 2] = [
-    f(SYNCED_AT, ColumnType::Timestamp),
-    f(RUN_ID, ColumnType::String),
-];
+const META: [Field; 2] = [f(SYNCED_AT, ColumnType::Timestamp), f(RUN_ID, ColumnType::String)];
 
 /// The target table: the selected catalog columns, then the metadata columns.
 pub fn target_fields(t: &TableDef, columns: &[&Column]) -> Vec<Field> {
-    columns
-        .iter()
-        .map(|c| Field::of(c, t.key))
-        .chain(META)
-        .collect()
+    columns.iter().map(|c| Field::of(c, t.key)).chain(META).collect()
 }
 
 /// A run's staging table: the target's fields plus the window number.

@@ -67,10 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let mut mismatched = Vec::new();
     for t in &cfg.tables {
         let n = wh
-            .query(
-                &format!("SELECT COUNT(*) AS n FROM {}", wh.table_ref(t.name)),
-                &[],
-            )
+            .query(&format!("SELECT COUNT(*) AS n FROM {}", wh.table_ref(t.name)), &[])
             .await?;
         let got = n.rows.first().and_then(|r| n.int(r, "n")).unwrap_or(-1);
         let want = truth.get(t.name).copied().unwrap_or(-1);
@@ -115,14 +112,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if !mismatched.is_empty() {
-        bail!(
-            "these tables differ from the simulator: {}",
-            mismatched.join(", ")
-        );
+        bail!("these tables differ from the simulator: {}", mismatched.join(", "));
     }
-    println!(
-        "\nall {} tables equal the simulator's truth",
-        cfg.tables.len()
-    );
+    println!("\nall {} tables equal the simulator's truth", cfg.tables.len());
     Ok(())
 }

@@ -10,10 +10,7 @@ use lever_sim::world::{Volume, World};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "lever-sim",
-    about = "A local simulator of the Lever Data API v1"
-)]
+#[command(name = "lever-sim", about = "A local simulator of the Lever Data API v1")]
 struct Args {
     /// Port on 127.0.0.1 (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8089)]
@@ -41,9 +38,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let a = Args::parse();
     let world = World::generated(&Volume::new(a.opportunities, a.seed));
     let cfg = SimConfig {
