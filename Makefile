@@ -37,7 +37,7 @@ demo: venv build-local
 	echo "== lever-sync sync (the simulator allows Lever's 10 requests/second)"; target/release/lever-sync sync; \
 	echo "== what landed"; target/release/demo-report
 
-test: venv
+test: venv lint
 	@trap 'scripts/services.sh stop' EXIT; \
 	set -e; \
 	eval "export $$(scripts/services.sh start-bq)"; \

@@ -54,6 +54,8 @@ pub struct RawBigQuery {
     pub api_url: Option<String>,
     /// Path of a service-account key file.
     pub credentials_file: Option<String>,
+    /// A service-account key as JSON text (as kept in a secret store).
+    pub credentials_json: Option<String>,
     /// Use the placeholder token of the local emulator (only with a loopback `api_url`).
     pub emulator: Option<bool>,
 }
@@ -80,6 +82,7 @@ pub const ENV_VARS: &[&str] = &[
     "BIGQUERY_LOCATION",
     "BIGQUERY_API_URL",
     "BIGQUERY_CREDENTIALS_FILE",
+    "BIGQUERY_CREDENTIALS_JSON",
     "BIGQUERY_EMULATOR",
 ];
 
@@ -131,6 +134,9 @@ impl RawConfig {
         }
         if let Some(v) = get("BIGQUERY_CREDENTIALS_FILE") {
             self.bigquery.credentials_file = Some(v);
+        }
+        if let Some(v) = get("BIGQUERY_CREDENTIALS_JSON") {
+            self.bigquery.credentials_json = Some(v);
         }
         if let Some(v) = get("BIGQUERY_EMULATOR") {
             self.bigquery.emulator = Some(matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
@@ -317,7 +323,7 @@ impl RawConfig {
                 Credentials::ServiceAccountFile(path)
             }
             (false, None) => return Err(bad(
-                "no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE (a service-account key) or use the emulator",
+                "no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE or BIGQUERY_CREDENTIALS_JSON (a service-account key) or use the emulator",
             )),
         };
         let warehouse = WarehouseConfig {
@@ -425,7 +431,8 @@ mod tests {
 
     #[test]
     fn bad_settings_are_explained() {
-        let cases: Vec<(Box<dyn Fn(&mut RawConfig)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut RawConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r.lever.api_key = None), "LEVER_API_KEY"),
             (
                 Box::new(|r| r.lever.environment = Some("staging".into())),

@@ -332,6 +332,29 @@ pub const ALL_TABLES: [&str; 7] = [
     "users",
 ];
 
+/// A simulator without Lever's rate limit (tests that are about the limit turn it on).
+pub async fn fast_sim(world: crate::world::World) -> Simulator {
+    let cfg = crate::server::SimConfig {
+        rate: None,
+        ..Default::default()
+    };
+    Simulator::start(world, cfg)
+        .await
+        .unwrap_or_else(|e| panic!("simulator: {e}"))
+}
+
+/// Rows of a table whose id occurs more than once (must be empty).
+pub async fn duplicate_ids(wh: &Warehouse, table: &str) -> Vec<String> {
+    let rows = wh
+        .query(
+            &format!("SELECT id FROM {} GROUP BY id HAVING COUNT(*) > 1", wh.table_ref(table)),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    rows.rows.iter().filter_map(|r| rows.str(r, "id")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,27 +398,4 @@ mod tests {
         assert!(cell_matches(ColumnType::String, &Value::Null, &json!("")).is_err());
         assert!(cell_matches(ColumnType::Int64, &json!(30), &json!("30")).is_ok());
     }
-}
-
-/// A simulator without Lever's rate limit (tests that are about the limit turn it on).
-pub async fn fast_sim(world: crate::world::World) -> Simulator {
-    let cfg = crate::server::SimConfig {
-        rate: None,
-        ..Default::default()
-    };
-    Simulator::start(world, cfg)
-        .await
-        .unwrap_or_else(|e| panic!("simulator: {e}"))
-}
-
-/// Rows of a table whose id occurs more than once (must be empty).
-pub async fn duplicate_ids(wh: &Warehouse, table: &str) -> Vec<String> {
-    let rows = wh
-        .query(
-            &format!("SELECT id FROM {} GROUP BY id HAVING COUNT(*) > 1", wh.table_ref(table)),
-            &[],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    rows.rows.iter().filter_map(|r| rows.str(r, "id")).collect()
 }
