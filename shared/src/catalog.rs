@@ -128,6 +128,36 @@ impl TableDef {
 /// Metadata columns added to every synced table, after the catalog's columns.
 pub const SYNCED_AT: &str = "_synced_at";
 pub const RUN_ID: &str = "_run_id";
+/// On incremental tables: when Lever deleted the record (the row is kept, marked).
+pub const DELETED_AT: &str = "_deleted_at";
+
+/// The entries of `/opportunities/deleted`, staged during a run and applied at its end.
+pub const DELETIONS: TableDef = TableDef {
+    name: "deleted_opportunities",
+    origin: Origin::List {
+        path: "/opportunities/deleted",
+    },
+    key: "id",
+    mode: SyncMode::Incremental,
+    cursor: None,
+    fixed_params: &[],
+    columns: &[
+        col("id", ColumnType::String, "id"),
+        col("deleted_at", ColumnType::Timestamp, "deletedAt"),
+        col("deleted_by", ColumnType::String, "deletedBy"),
+    ],
+};
+
+impl TableDef {
+    /// The column holding the opportunity a row belongs to, if any.
+    pub fn opportunity_column(&self) -> Option<&'static str> {
+        match (self.name, self.parent()) {
+            ("opportunities", _) => Some("id"),
+            (_, Some("opportunities")) => Some("opportunity_id"),
+            _ => None,
+        }
+    }
+}
 
 use ColumnType::{Bool, Int64, Json, String as Str, StringArray, Timestamp};
 

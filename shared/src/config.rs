@@ -2,13 +2,13 @@
 //! `Config` before anything touches Lever or BigQuery. Every message says which setting is wrong
 //! and how to fix it, and never repeats a secret.
 
-use crate::catalog::{self, TableDef};
+use crate::catalog::{self, Column, ColumnType, Source, TableDef};
 use crate::lever::rate::{DEFAULT_BURST, DEFAULT_RATE_PER_SEC};
 use crate::lever::{ApiKey, Environment};
 use crate::warehouse::{Credentials, WarehouseConfig, BIGQUERY_API_URL};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,20 @@ pub struct RawConfig {
     pub bigquery: RawBigQuery,
     #[serde(default)]
     pub sync: RawSync,
+    /// Per table: which columns to sync and which extra Lever fields to add.
+    #[serde(default)]
+    pub tables: BTreeMap<String, RawTable>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTable {
+    /// Catalog column names to sync (default: all). The key and `opportunity_id` are always kept.
+    pub columns: Option<Vec<String>>,
+    /// Lever fields the catalog does not declare, by field name, with their BigQuery type
+    /// (`STRING`, `INT64`, `FLOAT64`, `BOOL`, `TIMESTAMP`, `ARRAY<STRING>`, `JSON`).
+    #[serde(default)]
+    pub extra_fields: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -84,9 +98,35 @@ pub const ENV_VARS: &[&str] = &[
     "BIGQUERY_CREDENTIALS_FILE",
     "BIGQUERY_CREDENTIALS_JSON",
     "BIGQUERY_EMULATOR",
+    "LEVER_COLUMNS",
 ];
 
 impl RawConfig {
+    /// Column selection as JSON, `{"opportunities": ["id", "name"], …}` (environment variables
+    /// and template parameters carry it this way).
+    pub fn apply_columns_json(&mut self, text: &str) -> Result<(), ConfigError> {
+        let map: BTreeMap<String, Vec<String>> = serde_json::from_str(text)
+            .map_err(|_| bad("LEVER_COLUMNS must be JSON like {\"opportunities\": [\"id\", \"name\"]}"))?;
+        for (table, cols) in map {
+            self.tables.entry(table).or_default().columns = Some(cols);
+        }
+        Ok(())
+    }
+
+    /// Column selection as `table=col1,col2` (the command line).
+    pub fn apply_columns_arg(&mut self, arg: &str) -> Result<(), ConfigError> {
+        let (table, cols) = arg
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--columns `{arg}`: write it as TABLE=col1,col2")))?;
+        let cols: Vec<String> = cols
+            .split(',')
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect();
+        self.tables.entry(table.trim().to_owned()).or_default().columns = Some(cols);
+        Ok(())
+    }
+
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| bad(format!("the config file is not valid: {}", e.message())))
     }
@@ -138,6 +178,9 @@ impl RawConfig {
         if let Some(v) = get("BIGQUERY_CREDENTIALS_JSON") {
             self.bigquery.credentials_json = Some(v);
         }
+        if let Some(v) = get("LEVER_COLUMNS") {
+            self.apply_columns_json(&v)?;
+        }
         if let Some(v) = get("BIGQUERY_EMULATOR") {
             self.bigquery.emulator = Some(matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
         }
@@ -153,6 +196,23 @@ pub struct LeverSettings {
     pub rate_per_sec: f64,
     pub burst: f64,
     pub timeout: Duration,
+}
+
+impl LeverSettings {
+    /// The Lever client these settings describe (one per process: it holds the rate budget).
+    pub fn client(&self) -> Result<crate::lever::LeverClient, reqwest::Error> {
+        crate::lever::LeverClient::new(
+            self.api_key.clone(),
+            crate::lever::ClientConfig {
+                base_url: self.api_url.clone(),
+                environment: self.environment,
+                rate_per_sec: self.rate_per_sec,
+                burst: self.burst,
+                timeout: self.timeout,
+                retry: Default::default(),
+            },
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +248,66 @@ pub struct Config {
     pub tables: Vec<&'static TableDef>,
     pub warehouse: WarehouseConfig,
     pub sync: SyncSettings,
+    /// The columns written for each selected table, in catalog order, extra fields last.
+    pub columns: HashMap<&'static str, Vec<&'static Column>>,
+}
+
+fn parse_type(s: &str) -> Option<ColumnType> {
+    Some(match s.trim().to_ascii_uppercase().as_str() {
+        "STRING" => ColumnType::String,
+        "INT64" | "INTEGER" => ColumnType::Int64,
+        "FLOAT64" | "FLOAT" => ColumnType::Float64,
+        "BOOL" | "BOOLEAN" => ColumnType::Bool,
+        "TIMESTAMP" => ColumnType::Timestamp,
+        "ARRAY<STRING>" => ColumnType::StringArray,
+        "JSON" => ColumnType::Json,
+        _ => return None,
+    })
+}
+
+/// The selected columns of `t`. Extra fields become columns that live as long as the process
+/// (configuration is read once), hence the leaked names.
+fn select_columns(t: &'static TableDef, raw: Option<&RawTable>) -> Result<Vec<&'static Column>, ConfigError> {
+    let required = |c: &Column| c.name == t.key || (t.parent().is_some() && c.name == "opportunity_id");
+    let mut out: Vec<&'static Column> = match raw.and_then(|r| r.columns.as_ref()) {
+        None => t.columns.iter().collect(),
+        Some(names) => {
+            for n in names {
+                if t.column(n).is_none()
+                    && !raw.is_some_and(|r| r.extra_fields.keys().any(|f| crate::discover::snake_case(f) == *n))
+                {
+                    return Err(bad(format!(
+                        "table {} has no column `{n}`: `lever-sync discover` lists the columns and new Lever fields",
+                        t.name
+                    )));
+                }
+            }
+            t.columns
+                .iter()
+                .filter(|c| required(c) || names.iter().any(|n| n == c.name))
+                .collect()
+        }
+    };
+    for (field, ty) in raw.map(|r| &r.extra_fields).into_iter().flatten() {
+        let ty = parse_type(ty).ok_or_else(|| {
+            bad(format!("extra field {field} of {}: type `{ty}` is not one of STRING, INT64, FLOAT64, BOOL, TIMESTAMP, ARRAY<STRING>, JSON", t.name))
+        })?;
+        let name = crate::discover::snake_case(field);
+        if t.column(&name).is_some() || name.starts_with('_') || name.is_empty() {
+            return Err(bad(format!(
+                "extra field {field} of {}: column `{name}` is already declared or reserved",
+                t.name
+            )));
+        }
+        let field: &'static str = Box::leak(field.clone().into_boxed_str());
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        out.push(Box::leak(Box::new(Column {
+            name,
+            ty,
+            source: Source::Field(field),
+        })));
+    }
+    Ok(out)
 }
 
 fn parse_start(s: &str) -> Result<i64, ConfigError> {
@@ -268,6 +388,15 @@ impl RawConfig {
                 picked
             }
         };
+        for name in self.tables.keys() {
+            if catalog::table(name).is_none() {
+                return Err(bad(format!("[tables.{name}]: there is no table `{name}`")));
+            }
+        }
+        let mut columns = HashMap::new();
+        for t in &tables {
+            columns.insert(t.name, select_columns(t, self.tables.get(t.name))?);
+        }
         let rate_per_sec = l.rate_per_sec.unwrap_or(DEFAULT_RATE_PER_SEC);
         if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
             return Err(bad("rate_per_sec must be a positive number"));
@@ -348,6 +477,7 @@ impl RawConfig {
             tables,
             warehouse,
             sync,
+            columns,
         })
     }
 }
@@ -363,6 +493,14 @@ impl Config {
         }
         out.sort_by_key(|s| catalog::TABLES.iter().position(|t| t.name == *s));
         out
+    }
+
+    /// The columns written for `t` (all catalog columns for a table that is not selected).
+    pub fn columns_of(&self, t: &'static TableDef) -> Vec<&'static Column> {
+        self.columns
+            .get(t.name)
+            .cloned()
+            .unwrap_or_else(|| t.columns.iter().collect())
     }
 
     pub fn selected_of_stream(&self, stream: &str) -> Vec<&'static TableDef> {
@@ -472,6 +610,55 @@ mod tests {
         r.lever.api_key = Some("secret key".into());
         let err = r.validate(NOW).unwrap_err().to_string();
         assert!(!err.contains("secret"));
+    }
+
+    #[test]
+    fn columns_can_be_narrowed_and_keys_are_always_kept() {
+        let mut r = base();
+        r.apply_columns_arg("notes=text,created_at").unwrap();
+        let c = r.validate(NOW).unwrap();
+        let notes = catalog::table("notes").unwrap();
+        let names: Vec<&str> = c.columns_of(notes).iter().map(|c| c.name).collect();
+        assert_eq!(names, vec!["id", "opportunity_id", "text", "created_at"]);
+        assert_eq!(
+            c.columns_of(catalog::table("users").unwrap()).len(),
+            catalog::table("users").unwrap().columns.len()
+        );
+    }
+
+    #[test]
+    fn extra_fields_become_typed_columns() {
+        let mut r = base();
+        r.tables
+            .entry("opportunities".into())
+            .or_default()
+            .extra_fields
+            .insert("candidateScore".into(), "INT64".into());
+        let c = r.validate(NOW).unwrap();
+        let cols = c.columns_of(catalog::table("opportunities").unwrap());
+        let extra = cols.last().unwrap();
+        assert_eq!(
+            (extra.name, extra.ty, extra.source),
+            ("candidate_score", ColumnType::Int64, Source::Field("candidateScore"))
+        );
+    }
+
+    #[test]
+    fn bad_column_selections_are_explained() {
+        let mut r = base();
+        r.apply_columns_json(r#"{"notes": ["txt"]}"#).unwrap();
+        assert!(r.validate(NOW).unwrap_err().to_string().contains("no column `txt`"));
+        let mut r = base();
+        r.tables
+            .entry("users".into())
+            .or_default()
+            .extra_fields
+            .insert("x".into(), "NUMBER".into());
+        assert!(r.validate(NOW).unwrap_err().to_string().contains("not one of"));
+        let mut r = base();
+        r.tables.entry("candidates".into()).or_default();
+        assert!(r.validate(NOW).is_err());
+        assert!(base().apply_columns_json("[1]").is_err());
     }
 
     #[test]

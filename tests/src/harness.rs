@@ -6,7 +6,7 @@
 //! catalog, which is the specification of the columns.
 
 use crate::server::Simulator;
-use lever_sync::catalog::{self, ColumnType, Source, TableDef};
+use lever_sync::catalog::{self, Column, ColumnType, Source, TableDef};
 use lever_sync::config::{Config, RawConfig};
 use lever_sync::lever::LeverClient;
 use lever_sync::sync::{system_clock, Syncer};
@@ -127,8 +127,13 @@ pub async fn sync_all(syncer: &Syncer) -> Result<(), String> {
 
 /// Every row of a table, each as column → REST cell value.
 pub async fn read_table(wh: &Warehouse, table: &str) -> Vec<Map<String, Value>> {
+    read_table_where(wh, table, "TRUE").await
+}
+
+/// The rows of a table that satisfy a SQL condition.
+pub async fn read_table_where(wh: &Warehouse, table: &str, condition: &str) -> Vec<Map<String, Value>> {
     let rows = wh
-        .query(&format!("SELECT * FROM {}", wh.table_ref(table)), &[])
+        .query(&format!("SELECT * FROM {} WHERE {condition}", wh.table_ref(table)), &[])
         .await
         .unwrap_or_else(|e| panic!("reading {table}: {e}"));
     rows.rows
@@ -254,6 +259,17 @@ fn cell_matches(ty: ColumnType, raw: &Value, cell: &Value) -> Result<(), String>
 /// Asserts that `rows` (read back from BigQuery) hold exactly `truth`: the same ids, no id twice,
 /// and every catalog column equal to the Lever value, typed.
 pub fn assert_matches_truth(table: &TableDef, rows: &[Map<String, Value>], truth: &[(Value, Option<String>)]) {
+    let all: Vec<&Column> = table.columns.iter().collect();
+    assert_columns_match_truth(table, &all, rows, truth);
+}
+
+/// Like `assert_matches_truth`, for the given columns only.
+pub fn assert_columns_match_truth(
+    table: &TableDef,
+    columns: &[&Column],
+    rows: &[Map<String, Value>],
+    truth: &[(Value, Option<String>)],
+) {
     let mut by_id: HashMap<String, &Map<String, Value>> = HashMap::new();
     for r in rows {
         let id = r
@@ -285,7 +301,7 @@ pub fn assert_matches_truth(table: &TableDef, rows: &[Map<String, Value>], truth
     assert_eq!(rows.len(), truth.len(), "{}: row count", table.name);
     for (id, (record, parent)) in &want_ids {
         let row = by_id[id];
-        for c in table.columns {
+        for c in columns {
             let cell = row
                 .get(c.name)
                 .unwrap_or_else(|| panic!("{}: no column {}", table.name, c.name));

@@ -34,6 +34,8 @@ pub struct SimConfig {
     pub child_404_when_empty: bool,
     /// Endpoint labels (`opportunities`, `notes`, …) the key may not read: 403.
     pub forbidden: HashSet<String>,
+    /// Whether the key may read confidential opportunities (fixed when a key is made).
+    pub confidential_access: bool,
     pub order_seed: u64,
 }
 
@@ -46,6 +48,7 @@ impl Default for SimConfig {
             latency: Duration::ZERO,
             child_404_when_empty: true,
             forbidden: HashSet::new(),
+            confidential_access: true,
             order_seed: 42,
         }
     }
@@ -433,6 +436,13 @@ async fn list_opportunities(State(s): State<Arc<Shared>>, headers: HeaderMap, Ra
         Gate::Pass(f) => f,
     };
     let conf = param(&q, "confidentiality").unwrap_or("non-confidential");
+    if conf != "non-confidential" && !lock(&s.config).confidential_access {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "This API key is not authorized to access confidential data",
+        );
+    }
     let records: Vec<Value> = {
         let w = lock(&s.world);
         w.opportunities

@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use lever_sync::config::{Config, RawConfig, ENV_VARS};
 use lever_sync::lever::{ClientConfig, LeverClient, LeverError};
+use lever_sync::ops::{self, Person};
 use lever_sync::sync::{system_clock, RunSummary, Syncer};
 use lever_sync::warehouse::Warehouse;
 use std::collections::HashMap;
@@ -30,12 +31,48 @@ enum Command {
         /// Only these tables (repeatable); default: the configured tables.
         #[arg(long = "table", short = 't')]
         tables: Vec<String>,
+        /// Columns to sync for a table, as TABLE=col1,col2 (repeatable).
+        #[arg(long = "columns")]
+        columns: Vec<String>,
     },
     /// Show each stream's state and the latest runs.
     Status,
+    /// List each table's columns with their selection, and fields Lever sends that the
+    /// catalog does not know yet (names, inferred types and counts; never values).
+    Discover {
+        /// Opportunities whose child records are sampled.
+        #[arg(long, default_value_t = 20)]
+        sample: usize,
+        #[arg(long = "columns")]
+        columns: Vec<String>,
+    },
+    /// Remove one person from every table, by contact id, opportunity id or email.
+    Erase {
+        #[arg(long, group = "who")]
+        contact: Option<String>,
+        #[arg(long, group = "who")]
+        opportunity: Option<String>,
+        #[arg(long, group = "who")]
+        email: Option<String>,
+    },
+    /// Force a full refresh of a table on its next run.
+    Reset {
+        #[arg(long = "table", short = 't')]
+        table: String,
+    },
+    /// Drop every table this connector made in the dataset (synced tables, state, history).
+    DeleteConnection {
+        /// Skip the confirmation prompt.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn load_config(path: Option<&str>, tables: &[String]) -> anyhow::Result<Config> {
+    load_config_with(path, tables, &[])
+}
+
+fn load_config_with(path: Option<&str>, tables: &[String], columns: &[String]) -> anyhow::Result<Config> {
     let mut raw = match path {
         Some(p) => RawConfig::from_toml(
             &std::fs::read_to_string(p).with_context(|| format!("cannot read the config file {p}"))?,
@@ -49,6 +86,9 @@ fn load_config(path: Option<&str>, tables: &[String]) -> anyhow::Result<Config> 
     raw.apply_env(&env)?;
     if !tables.is_empty() {
         raw.lever.tables = Some(tables.to_vec());
+    }
+    for c in columns {
+        raw.apply_columns_arg(c)?;
     }
     Ok(raw.validate(chrono_now())?)
 }
@@ -94,8 +134,27 @@ async fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Check => check(cli.config.as_deref()).await,
-        Command::Sync { tables } => sync(cli.config.as_deref(), tables).await,
+        Command::Sync { tables, columns } => sync(cli.config.as_deref(), tables, columns).await,
         Command::Status => status(cli.config.as_deref()).await,
+        Command::Discover { sample, columns } => discover(cli.config.as_deref(), *sample, columns).await,
+        Command::Erase {
+            contact,
+            opportunity,
+            email,
+        } => {
+            let who = match (contact, opportunity, email) {
+                (Some(c), _, _) => Person::Contact(c.clone()),
+                (_, Some(o), _) => Person::Opportunity(o.clone()),
+                (_, _, Some(e)) => Person::Email(e.clone()),
+                _ => {
+                    eprintln!("error: say who to erase: --contact ID, --opportunity ID or --email ADDRESS");
+                    std::process::exit(2);
+                }
+            };
+            erase(cli.config.as_deref(), who).await
+        }
+        Command::Reset { table } => reset(cli.config.as_deref(), table).await,
+        Command::DeleteConnection { yes } => delete_connection(cli.config.as_deref(), *yes).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -113,17 +172,17 @@ async fn check(path: Option<&str>) -> anyhow::Result<()> {
     );
     let lever = lever_client(&cfg)?;
     let mut failures = Vec::new();
-    let first = lever
-        .list_page("/opportunities", &[("confidentiality", "all".to_owned())], None)
-        .await;
-    let sample = match first {
-        Ok(p) => {
-            println!("lever: ok (the key reads opportunities, confidential ones included in the request)");
-            p.data
-                .first()
-                .and_then(|o| o.get("id"))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
+    let sample = match ops::can_read_confidential(&lever).await {
+        Ok(true) => {
+            println!("lever: ok (the key reads opportunities, confidential ones included)");
+            first_opportunity(&lever).await
+        }
+        Ok(false) => {
+            println!(
+                "lever: ok, but this key may NOT read confidential opportunities: they will be missing from the \
+                 dataset (make a key with confidential access in Lever to include them)"
+            );
+            first_opportunity(&lever).await
         }
         Err(e) => {
             println!("lever: FAILED: {e}");
@@ -183,8 +242,8 @@ async fn syncer(cfg: Config) -> anyhow::Result<Syncer> {
     Ok(Syncer::new(Arc::new(cfg), lever, wh, owner, system_clock()))
 }
 
-async fn sync(path: Option<&str>, tables: &[String]) -> anyhow::Result<()> {
-    let cfg = load_config(path, tables)?;
+async fn sync(path: Option<&str>, tables: &[String], columns: &[String]) -> anyhow::Result<()> {
+    let cfg = load_config_with(path, tables, columns)?;
     let streams = cfg.streams();
     let s = syncer(cfg).await?;
     let started = Instant::now();
@@ -284,4 +343,89 @@ async fn status(path: Option<&str>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn discover(path: Option<&str>, sample: usize, columns: &[String]) -> anyhow::Result<()> {
+    let cfg = load_config_with(path, &[], columns)?;
+    let lever = lever_client(&cfg)?;
+    let sampled = lever_sync::discover::sample(&lever, sample).await?;
+    for t in &cfg.tables {
+        let selected = cfg.columns_of(t);
+        println!(
+            "{} ({} sampled records)",
+            t.name,
+            sampled.get(t.name).map_or(0, Vec::len)
+        );
+        for c in t.columns {
+            let on = selected.iter().any(|s| s.name == c.name);
+            println!("  [{}] {:<28} {}", if on { "x" } else { " " }, c.name, c.ty.sql_name());
+        }
+        for c in selected.iter().filter(|c| t.column(c.name).is_none()) {
+            println!("  [x] {:<28} {} (extra field)", c.name, c.ty.sql_name());
+        }
+        let records = sampled.get(t.name).map(Vec::as_slice).unwrap_or_default();
+        let extra: Vec<&str> = selected
+            .iter()
+            .filter(|c| t.column(c.name).is_none())
+            .map(|c| c.name)
+            .collect();
+        for f in lever_sync::discover::unknown_fields(t, records)
+            .into_iter()
+            .filter(|f| !extra.contains(&f.column.as_str()))
+        {
+            println!("  new field {:<22} {:<14} in {} of the sampled records (not synced; add it under [tables.{}] extra_fields)", f.field, f.inferred.sql_name(), f.records, t.name);
+        }
+    }
+    Ok(())
+}
+
+async fn erase(path: Option<&str>, who: Person) -> anyhow::Result<()> {
+    let cfg = load_config(path, &[])?;
+    let s = syncer(cfg).await?;
+    let report = ops::erase(&s, &who).await?;
+    if report.opportunities == 0 {
+        println!("no synced opportunity matches that {}", who.kind());
+        return Ok(());
+    }
+    println!("erased {} opportunities of that person:", report.opportunities);
+    for (table, rows) in &report.rows {
+        println!("  {table:<40} {rows} rows");
+    }
+    println!("they stay out of later syncs; erase or anonymise the person in Lever as well");
+    Ok(())
+}
+
+async fn reset(path: Option<&str>, table: &str) -> anyhow::Result<()> {
+    let cfg = load_config(path, &[])?;
+    let s = syncer(cfg).await?;
+    s.setup().await?;
+    ops::reset(&s, table).await?;
+    println!("{table}: the next sync re-reads everything from the start date and replaces the table");
+    Ok(())
+}
+
+async fn delete_connection(path: Option<&str>, yes: bool) -> anyhow::Result<()> {
+    let cfg = load_config(path, &[])?;
+    let dataset = format!("{}.{}", cfg.warehouse.project, cfg.warehouse.dataset);
+    if !yes {
+        eprint!("This drops every synced table, the sync state and the history in {dataset}. Type the dataset name to confirm: ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != cfg.warehouse.dataset {
+            bail!("not confirmed; nothing was dropped");
+        }
+    }
+    let wh = Warehouse::connect(&cfg.warehouse).await?;
+    let dropped = ops::delete_connection(&wh).await?;
+    println!("dropped {} tables from {dataset}", dropped.len());
+    Ok(())
+}
+
+async fn first_opportunity(lever: &LeverClient) -> Option<String> {
+    let page = lever.list_page("/opportunities", &[], None).await.ok()?;
+    page.data
+        .first()
+        .and_then(|o| o.get("id"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
 }

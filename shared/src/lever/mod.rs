@@ -75,8 +75,10 @@ impl fmt::Debug for ApiKey {
 pub enum LeverError {
     #[error("Lever rejected the API key (401) on the {environment} host: check the key and that it was made in that environment")]
     Unauthorized { environment: &'static str },
-    #[error("the API key may not read {path} (403): allow that endpoint for the key in Lever's API settings")]
-    Forbidden { path: String },
+    #[error(
+        "the API key may not read {path} (403: {message}): allow that endpoint for the key in Lever's API settings"
+    )]
+    Forbidden { path: String, message: String },
     #[error("{path} was not found (404)")]
     NotFound { path: String },
     #[error("Lever refused the paging token for {path} (400 Invalid offset token)")]
@@ -332,7 +334,10 @@ impl LeverClient {
             401 => LeverError::Unauthorized {
                 environment: self.cfg.environment.name(),
             },
-            403 => LeverError::Forbidden { path: path.to_owned() },
+            403 => LeverError::Forbidden {
+                path: path.to_owned(),
+                message,
+            },
             404 => LeverError::NotFound { path: path.to_owned() },
             400 if message.contains("Invalid offset token") => LeverError::InvalidOffset { path: path.to_owned() },
             _ => LeverError::Rejected {

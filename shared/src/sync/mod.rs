@@ -22,6 +22,7 @@ use futures::stream::{self, StreamExt};
 use plan::{Phase, Query};
 use serde_json::Value;
 use state::{RunRecord, StateStore, SyncState};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// Times a query restarts from its first page after Lever refuses a token, within one window.
@@ -103,22 +104,28 @@ struct Staged {
     columns: Vec<&'static Column>,
     ndjson: Vec<u8>,
     rows: usize,
+    /// Columns whose Lever field was present (even as null) in at least one record.
+    present: BTreeSet<&'static str>,
 }
 
 impl Staged {
     fn push(&mut self, record: &Value, parent: Option<&str>, meta: &RowMeta<'_>, window: i64) -> Result<(), SyncError> {
         let mut row = rows::to_row(self.table, &self.columns, record, parent, meta)?;
+        for c in &self.columns {
+            let here = match c.source {
+                catalog::Source::Field(path) => path.split('.').next().is_some_and(|f| record.get(f).is_some()),
+                catalog::Source::ParentId => true,
+            };
+            if here {
+                self.present.insert(c.name);
+            }
+        }
         row.insert(WINDOW.to_owned(), Value::from(window));
         serde_json::to_writer(&mut self.ndjson, &row).map_err(|e| SyncError::Invariant(e.to_string()))?;
         self.ndjson.push(b'\n');
         self.rows += 1;
         Ok(())
     }
-}
-
-/// The columns written for a table (today: all catalog columns).
-pub fn selected_columns(t: &'static TableDef) -> Vec<&'static Column> {
-    t.columns.iter().collect()
 }
 
 fn quote(name: &str) -> String {
@@ -156,6 +163,8 @@ pub struct Syncer {
     owner: String,
     clock: Clock,
     kill: Option<KillSwitch>,
+    /// No new page is started after this time (epoch ms): the invocation's deadline less a margin.
+    deadline_ms: Option<i64>,
 }
 
 impl Syncer {
@@ -169,7 +178,58 @@ impl Syncer {
             owner,
             clock,
             kill: None,
+            deadline_ms: None,
         }
+    }
+
+    /// The same syncer acting for another lease owner (a chain).
+    pub fn with_owner(&self, owner: &str) -> Self {
+        Syncer {
+            owner: owner.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    pub fn with_deadline(mut self, deadline_ms: Option<i64>) -> Self {
+        self.deadline_ms = deadline_ms;
+        self
+    }
+
+    /// Ends the stream's current run without finalizing it (a runaway chain): the targets are
+    /// untouched, the cursor stays, the history records why, and the next run starts afresh.
+    pub async fn abandon_run(&self, stream: &str, code: &str, message: &str) -> Result<(), SyncError> {
+        let st = self.store.load(stream).await?;
+        let mut next = SyncState::new(stream);
+        next.cursor_ms = st.cursor_ms;
+        next.last_error = Some(format!("{code}: {message}"));
+        if !self.store.save(&next, st.version).await? {
+            return Err(SyncError::Invariant(format!("{stream} changed while ending its run")));
+        }
+        let now = (self.clock)();
+        for t in self.cfg.selected_of_stream(stream) {
+            self.store
+                .record_run(&RunRecord {
+                    table: t.name.to_owned(),
+                    stream: stream.to_owned(),
+                    run_id: st.run_id.clone().unwrap_or_default(),
+                    started_ms: st.run_started_ms,
+                    finished_ms: now,
+                    rows: 0,
+                    windows: st.hop,
+                    requests: st.requests,
+                    retries: st.retries,
+                    outcome: "failed",
+                    error_code: Some(code.to_owned()),
+                    error: Some(message.to_owned()),
+                })
+                .await?;
+        }
+        if let Some(run) = &st.run_id {
+            for (_, name) in self.staging(stream, run) {
+                self.wh.drop_table(&name).await?;
+            }
+        }
+        Ok(())
     }
 
     pub fn with_kill_switch(mut self, kill: KillSwitch) -> Self {
@@ -206,7 +266,7 @@ impl Syncer {
         self.wh.ensure_dataset().await?;
         self.store.ensure(&self.cfg.streams()).await?;
         for t in &self.cfg.tables {
-            let fields = schema::target_fields(t, &selected_columns(t));
+            let fields = schema::target_fields(t, &self.cfg.columns_of(t));
             match self.wh.table_columns(t.name).await? {
                 None => self.wh.create_table(t.name, &fields, None).await?,
                 Some(_) => {
@@ -326,12 +386,27 @@ impl Syncer {
         }
     }
 
+    /// The run's staging tables: one per selected table of the stream, and for a stream with
+    /// incremental tables one for Lever's deletions.
     fn staging(&self, stream: &str, run_id: &str) -> Vec<(&'static TableDef, String)> {
-        self.cfg
-            .selected_of_stream(stream)
+        let tables = self.cfg.selected_of_stream(stream);
+        let marks_deletions = tables
+            .iter()
+            .any(|t| t.mode == SyncMode::Incremental && t.opportunity_column().is_some());
+        tables
             .into_iter()
+            .chain(marks_deletions.then_some(&catalog::DELETIONS))
             .map(|t| (t, schema::staging_table_name(t.name, run_id)))
             .collect()
+    }
+
+    /// The columns written for `t` (the deletions list keeps all of its own).
+    fn columns(&self, t: &'static TableDef) -> Vec<&'static Column> {
+        if is_deletions(t) {
+            t.columns.iter().collect()
+        } else {
+            self.cfg.columns_of(t)
+        }
     }
 
     async fn fetch_window(
@@ -348,11 +423,7 @@ impl Syncer {
         if cur.hop == 0 {
             for (t, name) in &staging {
                 self.wh
-                    .create_table(
-                        name,
-                        &schema::staging_fields(t, &selected_columns(t)),
-                        Some(STAGING_TTL),
-                    )
+                    .create_table(name, &schema::staging_fields(t, &self.columns(t)), Some(STAGING_TTL))
                     .await?;
             }
         }
@@ -367,52 +438,57 @@ impl Syncer {
             .iter()
             .map(|(t, _)| Staged {
                 table: t,
-                columns: selected_columns(t),
+                columns: self.columns(t),
                 ndjson: Vec::new(),
                 rows: 0,
+                present: BTreeSet::new(),
             })
             .collect();
-        let window = cur.hop;
         let pages = match stream_def.origin {
             Origin::PerParent { .. } => 1,
             _ => self.cfg.sync.pages_per_window,
         };
-        for _ in 0..pages {
+        for page_no in 0..pages {
+            if page_no > 0 && self.deadline_ms.is_some_and(|d| (self.clock)() >= d) {
+                // Leave the rest for the next invocation rather than be cut off mid-write.
+                break;
+            }
             let query = cur
                 .queries
                 .get(cur.query_index)
                 .cloned()
                 .ok_or_else(|| SyncError::Invariant("position past the last query".into()))?;
-            let (page, token) = self
-                .walk_page(&client, stream_def, &query, cur.position.clone())
-                .await?;
+            let (page, token) = self.walk_page(&client, stream_def, &query, cur).await?;
             let kept: Vec<&Value> = page.data.iter().filter(|r| plan::keep(&query, r)).collect();
-            match stream_def.origin {
-                Origin::PerParent { path, .. } => {
-                    let ids: Vec<String> = kept
-                        .iter()
-                        .filter_map(|r| rows::record_id(r).map(str::to_owned))
-                        .collect();
-                    let children = self.fetch_children(&client, path, stream_def, ids).await?;
-                    for (parent, records) in &children {
-                        for rec in records {
-                            for s in batch.iter_mut() {
-                                s.push(rec, Some(parent), &meta, window)?;
-                            }
+            if query.deletions {
+                for s in batch.iter_mut().filter(|s| is_deletions(s.table)) {
+                    for rec in &kept {
+                        s.push(rec, None, &meta, hop)?;
+                    }
+                }
+            } else if let Origin::PerParent { path, .. } = stream_def.origin {
+                let ids: Vec<String> = kept
+                    .iter()
+                    .filter_map(|r| rows::record_id(r).map(str::to_owned))
+                    .collect();
+                let children = self.fetch_children(&client, path, stream_def, ids).await?;
+                for (parent, records) in &children {
+                    for rec in records {
+                        for s in batch.iter_mut().filter(|s| !is_deletions(s.table)) {
+                            s.push(rec, Some(parent), &meta, hop)?;
                         }
                     }
                 }
-                _ => {
-                    for rec in &kept {
-                        for s in batch.iter_mut() {
-                            match s.table.origin {
-                                Origin::Inline { field, .. } => {
-                                    for child in inline_records(rec, field, s.table.name)? {
-                                        s.push(child, None, &meta, window)?;
-                                    }
+            } else {
+                for rec in &kept {
+                    for s in batch.iter_mut().filter(|s| !is_deletions(s.table)) {
+                        match s.table.origin {
+                            Origin::Inline { field, .. } => {
+                                for child in inline_records(rec, field, s.table.name)? {
+                                    s.push(child, None, &meta, hop)?;
                                 }
-                                _ => s.push(rec, None, &meta, window)?,
                             }
+                            _ => s.push(rec, None, &meta, hop)?,
                         }
                     }
                 }
@@ -426,10 +502,18 @@ impl Syncer {
             }
         }
         self.checkpoint(stream, Checkpoint::AfterFetch, hop)?;
+        for s in &batch {
+            let seen = cur.flags.present.entry(s.table.name.to_owned()).or_default();
+            for c in &s.present {
+                if !seen.iter().any(|x| x == c) {
+                    seen.push((*c).to_owned());
+                }
+            }
+        }
         let mut staged_rows = 0usize;
         for (s, (_, name)) in batch.into_iter().zip(&staging) {
             staged_rows += s.rows;
-            let job_id = format!("lever_sync_{name}_w{window}");
+            let job_id = format!("lever_sync_{name}_w{hop}");
             self.wh.load_ndjson(name, &job_id, s.ndjson).await?;
         }
         self.checkpoint(stream, Checkpoint::AfterLoad, hop)?;
@@ -462,40 +546,62 @@ impl Syncer {
     }
 
     /// One page of the stream's walk. A refused token restarts the query from its first page:
-    /// the pages read again are deduplicated at finalize.
+    /// the pages read again are deduplicated at finalize. A key that may not read confidential
+    /// opportunities gets the others, and the run says so in its history.
     async fn walk_page(
         &self,
         client: &LeverClient,
         stream_def: &TableDef,
         q: &Query,
-        mut position: Option<String>,
+        cur: &mut SyncState,
     ) -> Result<(Page, Option<String>), SyncError> {
-        let path = plan::walked_path(stream_def);
-        let fixed: &[(&str, &str)] = match stream_def.origin {
-            Origin::PerParent { parent, .. } => catalog::table(parent).map_or(&[], |p| p.fixed_params),
+        let per_parent = matches!(stream_def.origin, Origin::PerParent { .. });
+        let path = if q.deletions {
+            plan::DELETED_PATH
+        } else {
+            plan::walked_path(stream_def)
+        };
+        let fixed: &[(&str, &str)] = match (q.deletions, stream_def.origin) {
+            (true, _) => &[],
+            (_, Origin::PerParent { parent, .. }) => catalog::table(parent).map_or(&[], |p| p.fixed_params),
             _ => stream_def.fixed_params,
         };
-        let mut params: Vec<(&str, String)> = fixed
-            .iter()
-            // Child walks need only the parents' ids, not their applications.
-            .filter(|(k, _)| !(matches!(stream_def.origin, Origin::PerParent { .. }) && *k == "expand"))
-            .map(|(k, v)| (*k, (*v).to_owned()))
-            .collect();
-        params.extend(q.params.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let mut restarts = 0;
         loop {
-            match client.list_page(path, &params, position.as_deref()).await {
+            let no_confidential = cur.flags.no_confidential;
+            let mut params: Vec<(&str, String)> = fixed
+                .iter()
+                // Child walks need only the parents' ids, not their applications.
+                .filter(|(k, _)| !(per_parent && *k == "expand"))
+                .filter(|(k, _)| !(no_confidential && *k == "confidentiality"))
+                .map(|(k, v)| (*k, (*v).to_owned()))
+                .collect();
+            params.extend(q.params.iter().map(|(k, v)| (k.as_str(), v.clone())));
+            let asked_confidential = params.iter().any(|(k, _)| *k == "confidentiality");
+            match client.list_page(path, &params, cur.position.as_deref()).await {
                 Ok(page) => {
                     let next = page.next.clone();
                     return Ok((page, next));
                 }
-                Err(LeverError::InvalidOffset { .. }) if position.is_some() && restarts < MAX_OFFSET_RESTARTS => {
+                Err(LeverError::InvalidOffset { .. }) if cur.position.is_some() && restarts < MAX_OFFSET_RESTARTS => {
                     restarts += 1;
                     tracing::warn!(
                         stream = stream_def.name,
-                        "Lever refused the paging token; restarting the query from its first page"
+                        "Lever refused the paging token; restarting the query"
                     );
-                    position = None;
+                    cur.position = None;
+                }
+                Err(LeverError::Forbidden { ref message, .. })
+                    if asked_confidential && message.to_ascii_lowercase().contains("confidential") =>
+                {
+                    tracing::warn!(
+                        stream = stream_def.name,
+                        error_code = NO_CONFIDENTIAL,
+                        "the API key may not read confidential opportunities; syncing the others"
+                    );
+                    cur.flags.no_confidential = true;
+                    // Any token belonged to the query with the confidentiality filter.
+                    cur.position = None;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -554,15 +660,16 @@ impl Syncer {
             .ok_or_else(|| SyncError::Invariant("finalizing without a run".into()))?;
         let staging = self.staging(stream, &run_id);
         let now = (self.clock)();
-        let mut counts = Vec::new();
+        // A run whose first window died before creating staging has empty staging: the truth.
         for (t, name) in &staging {
-            let columns = selected_columns(t);
-            // A run whose windows all came back empty may never have created its staging table
-            // if it crashed at the very start; an empty one is the truth then.
             self.wh
-                .create_table(name, &schema::staging_fields(t, &columns), Some(STAGING_TTL))
+                .create_table(name, &schema::staging_fields(t, &self.columns(t)), Some(STAGING_TTL))
                 .await?;
-            self.wh.execute(&merge_sql(&self.wh, t, &columns, name), &[]).await?;
+        }
+        let mut counts = Vec::new();
+        for (t, name) in staging.iter().filter(|(t, _)| !is_deletions(t)) {
+            let replace = t.mode == SyncMode::FullRefresh || cur.flags.replace;
+            let columns = self.columns(t);
             let n = self
                 .wh
                 .query(
@@ -575,12 +682,64 @@ impl Syncer {
                 )
                 .await?;
             let rows = n.rows.first().and_then(|r| n.int(r, "n")).unwrap_or(0);
+            // A field no record of a non-empty full refresh carried has vanished from Lever:
+            // a replaced table matches Lever now, so its column goes. Incremental tables keep it.
+            let present = cur.flags.present.get(t.name);
+            let merged: Vec<&Column> = columns
+                .iter()
+                .copied()
+                .filter(|c| {
+                    !(replace && rows > 0)
+                        || c.name == t.key
+                        || c.source == catalog::Source::ParentId
+                        || present.is_some_and(|p| p.iter().any(|x| x == c.name))
+                })
+                .collect();
+            let target_fields = schema::target_fields(t, &merged);
+            self.wh.add_missing_columns(t.name, &target_fields).await?;
+            if replace {
+                let keep: Vec<&str> = target_fields.iter().map(|f| f.name).collect();
+                for extra in self.wh.table_columns(t.name).await?.unwrap_or_default() {
+                    if !keep.contains(&extra.as_str()) {
+                        self.wh
+                            .execute(
+                                &format!(
+                                    "ALTER TABLE {} DROP COLUMN IF EXISTS {}",
+                                    self.wh.table_ref(t.name),
+                                    quote(&extra)
+                                ),
+                                &[],
+                            )
+                            .await?;
+                    }
+                }
+            }
+            self.wh
+                .execute(&merge_sql(&self.wh, t, &merged, name, replace), &[])
+                .await?;
             counts.push(TableCount {
                 table: t.name.to_owned(),
                 rows,
             });
         }
+        if let Some((_, deletions)) = staging.iter().find(|(t, _)| is_deletions(t)) {
+            for t in self
+                .cfg
+                .selected_of_stream(stream)
+                .into_iter()
+                .filter(|t| t.mode == SyncMode::Incremental)
+            {
+                if let Some(col) = t.opportunity_column() {
+                    self.wh
+                        .execute(&mark_deleted_sql(&self.wh, t.name, col, deletions), &[])
+                        .await?;
+                }
+            }
+        }
         self.checkpoint(stream, Checkpoint::AfterMerge, cur.hop)?;
+        let note = cur.flags.no_confidential.then(|| {
+            "the API key may not read confidential opportunities: only non-confidential ones were synced".to_owned()
+        });
         for c in &counts {
             self.store
                 .record_run(&RunRecord {
@@ -594,8 +753,8 @@ impl Syncer {
                     requests: cur.requests,
                     retries: cur.retries,
                     outcome: "succeeded",
-                    error_code: None,
-                    error: None,
+                    error_code: note.as_ref().map(|_| NO_CONFIDENTIAL.to_owned()),
+                    error: note.clone(),
                 })
                 .await?;
         }
@@ -631,6 +790,13 @@ impl Syncer {
     }
 }
 
+/// The code a run records when the key could not read confidential opportunities.
+pub const NO_CONFIDENTIAL: &str = "lever_no_confidential_access";
+
+fn is_deletions(t: &TableDef) -> bool {
+    std::ptr::eq(t, &catalog::DELETIONS) || t.name == catalog::DELETIONS.name
+}
+
 /// The records inlined in `record` under `field` (expanded applications). Ids instead of
 /// objects mean the expansion did not happen: refusing beats syncing an empty table.
 fn inline_records<'a>(record: &'a Value, field: &str, table: &str) -> Result<Vec<&'a Value>, SyncError> {
@@ -652,9 +818,10 @@ fn inline_records<'a>(record: &'a Value, field: &str, table: &str) -> Result<Vec
     }
 }
 
-/// Latest copy of each id from staging into the target; a full refresh also deletes what the
-/// run did not see, which makes the MERGE an atomic replace that keeps the table's schema.
-pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &str) -> String {
+/// Latest copy of each id from staging into the target. A replace (full refresh, or a reset)
+/// also deletes what the run did not see, which makes the MERGE an atomic replace that keeps
+/// the table's schema. Erased people's opportunities never come back.
+pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &str, replace: bool) -> String {
     let names: Vec<String> = columns
         .iter()
         .map(|c| c.name)
@@ -669,17 +836,41 @@ pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &st
         .collect::<Vec<_>>()
         .join(", ");
     let insert_values = names.iter().map(|n| format!("S.{n}")).collect::<Vec<_>>().join(", ");
-    let delete = match t.mode {
-        SyncMode::FullRefresh => " WHEN NOT MATCHED BY SOURCE THEN DELETE",
-        SyncMode::Incremental => "",
+    let delete = if replace {
+        " WHEN NOT MATCHED BY SOURCE THEN DELETE"
+    } else {
+        ""
+    };
+    let erased = match t.opportunity_column() {
+        Some(col) => format!(
+            " AND {c} NOT IN (SELECT opportunity_id FROM {e})",
+            c = quote(col),
+            e = wh.table_ref(schema::ERASED_TABLE)
+        ),
+        None => String::new(),
     };
     format!(
-        "MERGE {target} T USING (SELECT {cols} FROM {stg} WHERE TRUE QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY {window} DESC) = 1) S \
-         ON T.{key} = S.{key} WHEN MATCHED THEN UPDATE SET {set} WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({insert_values}){delete}",
+        "MERGE {target} T USING (SELECT {cols} FROM {stg} WHERE TRUE{erased} \
+         QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY {window} DESC) = 1) S \
+         ON T.{key} = S.{key} WHEN MATCHED THEN UPDATE SET {set} \
+         WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({insert_values}){delete}",
         target = wh.table_ref(t.name),
         cols = names.join(", "),
         stg = wh.table_ref(staging),
         window = quote(WINDOW),
+    )
+}
+
+/// Marks the rows of opportunities Lever deleted (the row stays; `_deleted_at` says when).
+pub fn mark_deleted_sql(wh: &Warehouse, table: &str, opportunity_column: &str, deletions: &str) -> String {
+    format!(
+        "UPDATE {target} T SET {deleted_at} = D.deleted_at \
+         FROM (SELECT id, MAX(deleted_at) AS deleted_at FROM {stg} GROUP BY id) D \
+         WHERE T.{col} = D.id AND T.{deleted_at} IS NULL",
+        target = wh.table_ref(table),
+        deleted_at = quote(catalog::DELETED_AT),
+        stg = wh.table_ref(deletions),
+        col = quote(opportunity_column),
     )
 }
 

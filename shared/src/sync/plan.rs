@@ -38,7 +38,13 @@ pub struct Query {
     /// Keep only records whose `updatedAt` is null (legacy records no `updated_at` filter finds).
     #[serde(default)]
     pub legacy_only: bool,
+    /// Reads `/opportunities/deleted` instead of the stream's own list.
+    #[serde(default)]
+    pub deletions: bool,
 }
+
+/// Lever's list of deleted opportunities (`id`, `deletedAt`, `deletedBy`).
+pub const DELETED_PATH: &str = "/opportunities/deleted";
 
 /// The list endpoint a stream walks page by page: its own, or its parent's for per-parent tables.
 pub fn walked_path(t: &TableDef) -> &'static str {
@@ -67,33 +73,42 @@ pub fn plan_queries(
     now_ms: i64,
     overlap_ms: i64,
 ) -> Vec<Query> {
+    let query = |params: Vec<(&str, String)>, legacy_only: bool, deletions: bool| Query {
+        params: params.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        legacy_only,
+        deletions,
+    };
     if !walks_opportunities(stream) {
-        return vec![Query {
-            params: Vec::new(),
-            legacy_only: false,
-        }];
+        return vec![query(Vec::new(), false, false)];
     }
     let end = now_ms.to_string();
-    let updated_since = |from: i64| Query {
-        params: vec![
-            ("updated_at_start".into(), from.to_string()),
-            ("updated_at_end".into(), end.clone()),
-        ],
-        legacy_only: false,
-    };
     match (stream.mode, cursor_ms) {
         (SyncMode::Incremental, Some(cursor)) => {
-            vec![updated_since((cursor - overlap_ms).max(start_ms))]
+            let from = (cursor - overlap_ms).max(start_ms).to_string();
+            vec![
+                query(
+                    vec![("updated_at_start", from.clone()), ("updated_at_end", end.clone())],
+                    false,
+                    false,
+                ),
+                // Rows already synced that Lever deleted since: they are marked, not dropped.
+                query(vec![("deleted_at_start", from), ("deleted_at_end", end)], false, true),
+            ]
         }
         _ => vec![
-            updated_since(start_ms),
-            Query {
-                params: vec![
-                    ("created_at_start".into(), start_ms.to_string()),
-                    ("created_at_end".into(), end.clone()),
+            query(
+                vec![
+                    ("updated_at_start", start_ms.to_string()),
+                    ("updated_at_end", end.clone()),
                 ],
-                legacy_only: true,
-            },
+                false,
+                false,
+            ),
+            query(
+                vec![("created_at_start", start_ms.to_string()), ("created_at_end", end)],
+                true,
+                false,
+            ),
         ],
     }
 }
@@ -158,9 +173,14 @@ mod tests {
     fn a_later_run_reads_from_the_cursor_less_the_overlap() {
         let cursor = NOW - 3_600_000;
         let q = plan_queries(table("opportunities").unwrap(), START, Some(cursor), NOW, 300_000);
-        assert_eq!(q.len(), 1);
+        assert_eq!(q.len(), 2);
         assert_eq!(
             param(&q[0], "updated_at_start"),
+            Some((cursor - 300_000).to_string().as_str())
+        );
+        assert!(q[1].deletions, "a later run also reads the deletions since the cursor");
+        assert_eq!(
+            param(&q[1], "deleted_at_start"),
             Some((cursor - 300_000).to_string().as_str())
         );
     }
@@ -174,7 +194,8 @@ mod tests {
             users,
             vec![Query {
                 params: vec![],
-                legacy_only: false
+                legacy_only: false,
+                deletions: false
             }]
         );
     }
@@ -184,6 +205,7 @@ mod tests {
         let q = Query {
             params: vec![],
             legacy_only: true,
+            deletions: false,
         };
         assert!(keep(&q, &json!({"id": "a", "updatedAt": null})));
         assert!(keep(&q, &json!({"id": "a"})));

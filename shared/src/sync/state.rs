@@ -4,9 +4,25 @@
 //! of affected rows: two chains of one stream can never both advance it.
 
 use super::plan::{Phase, Query};
-use crate::warehouse::schema::{HISTORY_FIELDS, HISTORY_TABLE, STATE_FIELDS, STATE_TABLE};
+use crate::warehouse::schema::{ERASED_FIELDS, ERASED_TABLE, HISTORY_FIELDS, HISTORY_TABLE, STATE_FIELDS, STATE_TABLE};
 use crate::warehouse::{Param, Rows, Warehouse, WarehouseError};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Facts about the current run (and requests for the next one) kept in the state row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFlags {
+    /// Replace the targets at the end of this run even for incremental tables (after a reset).
+    #[serde(default)]
+    pub replace: bool,
+    /// The key may not read confidential opportunities: this run lists the others only.
+    #[serde(default)]
+    pub no_confidential: bool,
+    /// Per table, the columns whose Lever field was present in at least one record this run.
+    #[serde(default)]
+    pub present: BTreeMap<String, Vec<String>>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncState {
@@ -29,6 +45,7 @@ pub struct SyncState {
     pub lease_until_ms: Option<i64>,
     pub version: i64,
     pub last_error: Option<String>,
+    pub flags: RunFlags,
 }
 
 impl SyncState {
@@ -50,6 +67,7 @@ impl SyncState {
             lease_until_ms: None,
             version: 0,
             last_error: None,
+            flags: RunFlags::default(),
         }
     }
 
@@ -86,7 +104,7 @@ pub struct StateStore {
 
 const SELECT_STATE: &str = "stream, run_id, phase, queries, query_index, position, \
     UNIX_MILLIS(cursor) AS cursor, UNIX_MILLIS(run_started_at) AS run_started_at, hop, rows, requests, retries, \
-    lease_owner, UNIX_MILLIS(lease_until) AS lease_until, version, last_error";
+    lease_owner, UNIX_MILLIS(lease_until) AS lease_until, version, last_error, flags";
 
 impl StateStore {
     pub fn new(wh: Warehouse) -> Self {
@@ -96,8 +114,19 @@ impl StateStore {
     /// Creates the metadata tables and a state row for each stream that has none. The insert is
     /// one MERGE, so concurrent callers cannot create a stream's row twice.
     pub async fn ensure(&self, streams: &[&str]) -> Result<(), WarehouseError> {
-        self.wh.create_table(STATE_TABLE, STATE_FIELDS, None).await?;
-        self.wh.create_table(HISTORY_TABLE, HISTORY_FIELDS, None).await?;
+        for (table, fields) in [
+            (STATE_TABLE, STATE_FIELDS),
+            (HISTORY_TABLE, HISTORY_FIELDS),
+            (ERASED_TABLE, ERASED_FIELDS),
+        ] {
+            match self.wh.table_columns(table).await? {
+                None => self.wh.create_table(table, fields, None).await?,
+                // A dataset written by an older version gains the new metadata columns.
+                Some(_) => {
+                    self.wh.add_missing_columns(table, fields).await?;
+                }
+            }
+        }
         if streams.is_empty() {
             return Ok(());
         }
@@ -163,12 +192,13 @@ impl StateStore {
     /// On success the stored version is `expected_version + 1`.
     pub async fn save(&self, next: &SyncState, expected_version: i64) -> Result<bool, WarehouseError> {
         let queries = serde_json::to_string(&next.queries).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
+        let flags = serde_json::to_string(&next.flags).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
         let sql = format!(
             "UPDATE {} SET run_id = @run_id, phase = @phase, queries = @queries, query_index = @query_index, \
              position = @position, cursor = TIMESTAMP_MILLIS(@cursor), run_started_at = TIMESTAMP_MILLIS(@run_started), \
              hop = @hop, rows = @rows, requests = @requests, retries = @retries, lease_owner = @lease_owner, \
              lease_until = TIMESTAMP_MILLIS(@lease_until), version = @version + 1, updated_at = CURRENT_TIMESTAMP(), \
-             last_error = @last_error WHERE stream = @stream AND version = @version",
+             last_error = @last_error, flags = @flags WHERE stream = @stream AND version = @version",
             self.wh.table_ref(STATE_TABLE)
         );
         let params = [
@@ -186,6 +216,7 @@ impl StateStore {
             ("lease_owner", Param::Str(next.lease_owner.clone())),
             ("lease_until", Param::Int(next.lease_until_ms)),
             ("last_error", Param::Str(next.last_error.clone())),
+            ("flags", Param::Str(Some(flags))),
             ("stream", Param::str(&next.stream)),
             ("version", Param::Int(Some(expected_version))),
         ];
@@ -271,5 +302,9 @@ fn decode(rows: &Rows, row: &[Value]) -> Result<SyncState, WarehouseError> {
         lease_until_ms: rows.int(row, "lease_until"),
         version: rows.int(row, "version").unwrap_or(0),
         last_error: rows.str(row, "last_error"),
+        flags: rows
+            .str(row, "flags")
+            .and_then(|f| serde_json::from_str(&f).ok())
+            .unwrap_or_default(),
     })
 }

@@ -300,20 +300,18 @@ impl Warehouse {
         }
     }
 
-    /// The column names of a table, or `None` when it does not exist.
+    /// The column names of a table, or `None` when it does not exist. Read from a `LIMIT 0`
+    /// query rather than the table resource: the emulator's resource does not follow `ALTER`.
     pub async fn table_columns(&self, table: &str) -> Result<Option<Vec<String>>, WarehouseError> {
         match self.bq.table().get(&self.project, &self.dataset, table, None).await {
-            Ok(t) => Ok(Some(
-                t.schema
-                    .fields
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|f| f.name)
-                    .collect(),
-            )),
-            Err(BQError::ResponseError { error }) if error.error.code == 404 => Ok(None),
-            Err(e) => Err(api_error("table lookup", e)),
+            Ok(_) => {}
+            Err(BQError::ResponseError { error }) if error.error.code == 404 => return Ok(None),
+            Err(e) => return Err(api_error("table lookup", e)),
         }
+        let rows = self
+            .query(&format!("SELECT * FROM {} LIMIT 0", self.table_ref(table)), &[])
+            .await?;
+        Ok(Some(rows.columns))
     }
 
     /// Creates a table; one that already exists is left as it is.

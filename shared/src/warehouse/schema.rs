@@ -1,7 +1,7 @@
 //! Table schemas: the synced tables (from the catalog), their staging tables, and the two
 //! metadata tables (sync state and run history).
 
-use crate::catalog::{Column, ColumnType, TableDef, RUN_ID, SYNCED_AT};
+use crate::catalog::{Column, ColumnType, SyncMode, TableDef, DELETED_AT, RUN_ID, SYNCED_AT};
 use gcp_bigquery_client::model::field_type::FieldType;
 use gcp_bigquery_client::model::table_field_schema::TableFieldSchema;
 use gcp_bigquery_client::model::table_schema::TableSchema;
@@ -10,6 +10,8 @@ use gcp_bigquery_client::model::table_schema::TableSchema;
 pub const STATE_TABLE: &str = "_lever_sync_state";
 /// One row per table per finished (or failed) run.
 pub const HISTORY_TABLE: &str = "_lever_sync_runs";
+/// Opportunities erased on request: their rows are never written again.
+pub const ERASED_TABLE: &str = "_lever_sync_erased";
 /// In staging only: which window wrote the row, so that the latest copy of an id wins.
 pub const WINDOW: &str = "_window";
 
@@ -67,14 +69,19 @@ pub fn to_bq(fields: &[Field]) -> TableSchema {
 
 const META: [Field; 2] = [f(SYNCED_AT, ColumnType::Timestamp), f(RUN_ID, ColumnType::String)];
 
-/// The target table: the selected catalog columns, then the metadata columns.
+/// The target table: the selected catalog columns, then the metadata columns; incremental
+/// tables also mark rows Lever deleted.
 pub fn target_fields(t: &TableDef, columns: &[&Column]) -> Vec<Field> {
-    columns.iter().map(|c| Field::of(c, t.key)).chain(META).collect()
+    let mut v: Vec<Field> = columns.iter().map(|c| Field::of(c, t.key)).chain(META).collect();
+    if t.mode == SyncMode::Incremental {
+        v.push(f(DELETED_AT, ColumnType::Timestamp));
+    }
+    v
 }
 
-/// A run's staging table: the target's fields plus the window number.
+/// A run's staging table: the selected columns, the metadata columns and the window number.
 pub fn staging_fields(t: &TableDef, columns: &[&Column]) -> Vec<Field> {
-    let mut v = target_fields(t, columns);
+    let mut v: Vec<Field> = columns.iter().map(|c| Field::of(c, t.key)).chain(META).collect();
     v.push(f(WINDOW, ColumnType::Int64));
     v
 }
@@ -105,6 +112,16 @@ pub const STATE_FIELDS: &[Field] = &[
     f("version", ColumnType::Int64),
     f("updated_at", ColumnType::Timestamp),
     f("last_error", ColumnType::String),
+    f("flags", ColumnType::String),
+];
+
+pub const ERASED_FIELDS: &[Field] = &[
+    Field {
+        name: "opportunity_id",
+        ty: ColumnType::String,
+        required: true,
+    },
+    f("erased_at", ColumnType::Timestamp),
 ];
 
 pub const HISTORY_FIELDS: &[Field] = &[

@@ -1,0 +1,25 @@
+//! Lambda `dispatch`: the schedule's target and the operators' console. It starts a chain per
+//! table, resumes dead ones, leaves live ones alone, and runs console events (sync now, full
+//! refresh, status, erase, delete_connection). The work is `lever_sync::chain::dispatch`.
+
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    lever_sync::logging::init_json();
+    let app = lever_sync::chain::ChainApp::from_environment().await?;
+    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
+        let app = app.clone();
+        async move {
+            match lever_sync::chain::dispatch(&app, &event.payload).await {
+                Ok(answer) => Ok::<Value, Error>(answer),
+                Err(e) => {
+                    tracing::error!(error_code = e.code(), "{e}");
+                    Err(format!("{}: {e}", e.code()).into())
+                }
+            }
+        }
+    }))
+    .await
+}
