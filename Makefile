@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 DEMO_OPPORTUNITIES ?= 100
 DEMO_START_DATE ?= 2020-01-01
 
-.PHONY: help venv build-local demo test test-unit lint fmt clean
+.PHONY: help venv build-local demo test test-unit lint fmt clean build deploy
 
 help:
 	@echo "make demo   - sync the simulator's Lever account into a local BigQuery emulator and show what landed"
 	@echo "make test   - unit and end-to-end tests (starts the emulator itself)"
-	@echo "make lint   - formatting and clippy"
+	@echo "make lint   - formatting, clippy, and the template through cfn-lint and checkov"
+	@echo "make build  - the Lambda zips (cargo lambda, arm64); make deploy - sam deploy"
 
 $(STAMP): requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -41,14 +42,27 @@ test: venv lint
 	@trap 'scripts/services.sh stop' EXIT; \
 	set -e; \
 	eval "export $$(scripts/services.sh start-bq)"; \
+	eval "export $$(scripts/services.sh start-moto)"; \
 	cargo test --workspace --all-targets
 
 test-unit:
 	cargo test --workspace --lib --bins
 
-lint:
+lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/python scripts/lint_template.py
+
+# The Lambda zips (arm64). Needs cargo-lambda (`cargo install cargo-lambda`) and zig
+# (`pip install ziglang`) for the cross-build.
+build:
+	cargo lambda build --release --arm64 -p sync-table -p dispatch
+
+# First time: make deploy DEPLOY_ARGS=--guided (asks for the parameters and saves them).
+STACK ?= lever-sync
+deploy: build
+	sam deploy --template-file infra/template.yaml --stack-name $(STACK) --capabilities CAPABILITY_IAM \
+	  --resolve-s3 $(DEPLOY_ARGS)
 
 fmt:
 	cargo fmt --all

@@ -2,6 +2,7 @@
 # Starts and stops the local services on 127.0.0.1: the BigQuery emulator and the Lever simulator.
 #   scripts/services.sh start-bq        -> prints BIGQUERY_EMULATOR_URL=...
 #   scripts/services.sh start-sim ARGS  -> prints LEVER_API_URL=...
+#   scripts/services.sh start-moto      -> prints MOTO_URL=... (Secrets Manager and friends)
 #   scripts/services.sh stop
 # State lives in .run/ (pids, logs, ports).
 set -euo pipefail
@@ -33,6 +34,13 @@ case "${1:-}" in
     echo "http://127.0.0.1:$port" >"$RUN/bq.url"
     echo "BIGQUERY_EMULATOR_URL=http://127.0.0.1:$port"
     ;;
+  start-moto)
+    port=${MOTO_PORT:-$(free_port)}
+    .venv/bin/moto_server -H 127.0.0.1 -p "$port" >"$RUN/moto.log" 2>&1 &
+    echo $! >"$RUN/moto.pid"
+    wait_http "http://127.0.0.1:$port/moto-api/" "the moto server" "$RUN/moto.log"
+    echo "MOTO_URL=http://127.0.0.1:$port"
+    ;;
   start-sim)
     shift
     port=${SIM_PORT:-$(free_port)}
@@ -43,7 +51,7 @@ case "${1:-}" in
     echo "LEVER_API_URL=http://127.0.0.1:$port/v1"
     ;;
   stop)
-    for name in lever-sim bqemulator; do
+    for name in lever-sim moto bqemulator; do
       if [ -f "$RUN/$name.pid" ]; then
         kill "$(cat "$RUN/$name.pid")" 2>/dev/null || true
         rm -f "$RUN/$name.pid"
@@ -51,7 +59,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: $0 start-bq | start-sim [ARGS] | stop" >&2
+    echo "usage: $0 start-bq | start-moto | start-sim [ARGS] | stop" >&2
     exit 2
     ;;
 esac

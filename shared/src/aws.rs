@@ -117,3 +117,17 @@ impl Secrets {
         Ok(text.to_owned())
     }
 }
+
+/// An SDK config for a local stand-in of an AWS API (tests, a moto server): a fixed region,
+/// placeholder credentials and the given endpoint.
+pub fn local_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    use aws_sdk_lambda::config::{Credentials, Region, SharedCredentialsProvider};
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "local", "local", None, None, "local",
+        )))
+        .endpoint_url(endpoint)
+        .build()
+}

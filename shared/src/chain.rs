@@ -90,7 +90,10 @@ impl ChainApp {
         let env = settings_env();
         let sdk = crate::aws::sdk_config(None).await;
         let secrets = Secrets::new(&sdk);
-        let cfg = lambda_config(&env, &secrets, now_ms()).await?;
+        let mut cfg = lambda_config(&env, &secrets, now_ms()).await?;
+        // Each chain runs in its own container with its own pace: the account's budget is
+        // shared equally between the chains that may run at once.
+        cfg.lever.rate_per_sec = (cfg.lever.rate_per_sec / cfg.streams().len().max(1) as f64).max(0.5);
         let lever = cfg
             .lever
             .client()
@@ -343,7 +346,7 @@ async fn status(app: &ChainApp) -> Result<Value, SyncError> {
         .map(|r| {
             json!({
                 "table": runs.str(r, "table_name"), "run_id": runs.str(r, "run_id"), "outcome": runs.str(r, "outcome"),
-                "rows": runs.int(r, "rows"), "requests": runs.int(r, "requests"),
+                "rows": runs.int(r, "row_count"), "requests": runs.int(r, "requests"),
                 "finished_at": runs.int(r, "finished_at").and_then(crate::rows::timestamp_text),
                 "error_code": runs.str(r, "error_code"),
             })
@@ -419,6 +422,28 @@ mod tests {
         ] {
             let err = ConsoleEvent::parse(&bad).unwrap_err().to_string();
             assert!(err.contains("\"action\": \"sync\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_sample_console_events_in_the_repository_are_valid() {
+        for (name, text) in [
+            ("sync-now", include_str!("../../infra/events/sync-now.json")),
+            (
+                "sync-now-tables",
+                include_str!("../../infra/events/sync-now-tables.json"),
+            ),
+            ("full-refresh", include_str!("../../infra/events/full-refresh.json")),
+            ("status", include_str!("../../infra/events/status.json")),
+            ("erase", include_str!("../../infra/events/erase.json")),
+            (
+                "delete-connection",
+                include_str!("../../infra/events/delete-connection.json"),
+            ),
+            ("scheduled-tick", include_str!("../../infra/events/scheduled-tick.json")),
+        ] {
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert!(ConsoleEvent::parse(&v).is_ok(), "{name}");
         }
     }
 

@@ -45,7 +45,7 @@ pub struct RawTable {
     pub extra_fields: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLever {
     pub api_key: Option<String>,
@@ -59,7 +59,7 @@ pub struct RawLever {
     pub timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBigQuery {
     pub project: Option<String>,
@@ -81,6 +81,33 @@ pub struct RawSync {
     pub child_concurrency: Option<usize>,
     pub overlap_secs: Option<u64>,
     pub lease_secs: Option<u64>,
+}
+
+// Settings as typed may hold the API key and a service-account key: their Debug shows neither.
+impl std::fmt::Debug for RawLever {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawLever")
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("environment", &self.environment)
+            .field("api_url", &self.api_url)
+            .field("start_date", &self.start_date)
+            .field("tables", &self.tables)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RawBigQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawBigQuery")
+            .field("project", &self.project)
+            .field("dataset", &self.dataset)
+            .field("location", &self.location)
+            .field("api_url", &self.api_url)
+            .field("credentials_file", &self.credentials_file)
+            .field("credentials_json", &self.credentials_json.as_ref().map(|_| "***"))
+            .field("emulator", &self.emulator)
+            .finish()
+    }
 }
 
 /// Environment variables that override the file, by name.
@@ -451,6 +478,9 @@ impl RawConfig {
                 }
                 Credentials::ServiceAccountFile(path)
             }
+            (false, None) if b.credentials_json.as_deref().is_some_and(|j| !j.trim().is_empty()) => {
+                Credentials::ServiceAccountJson(b.credentials_json.clone().unwrap_or_default())
+            }
             (false, None) => return Err(bad(
                 "no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE or BIGQUERY_CREDENTIALS_JSON (a service-account key) or use the emulator",
             )),
@@ -659,6 +689,28 @@ mod tests {
         r.tables.entry("candidates".into()).or_default();
         assert!(r.validate(NOW).is_err());
         assert!(base().apply_columns_json("[1]").is_err());
+    }
+
+    #[test]
+    fn a_service_account_key_given_as_json_text_is_used() {
+        let mut r = base();
+        r.bigquery.emulator = None;
+        r.bigquery.api_url = None;
+        r.bigquery.credentials_json = Some(r#"{"type": "service_account", "private_key": "k"}"#.into());
+        let c = r.validate(NOW).unwrap();
+        assert!(matches!(c.warehouse.credentials, Credentials::ServiceAccountJson(_)));
+    }
+
+    #[test]
+    fn raw_settings_never_print_secrets() {
+        let mut r = base();
+        r.lever.api_key = Some("secret-key-123".into());
+        r.bigquery.credentials_json = Some("private-json-456".into());
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("secret-key-123") && !shown.contains("private-json-456"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -143,20 +143,21 @@ pub async fn erase(s: &Syncer, who: &Person) -> Result<EraseReport, SyncError> {
         .collect();
     let list = id_params.iter().map(|n| format!("@{n}")).collect::<Vec<_>>().join(", ");
     // First the suppression list, so that a sync finalizing meanwhile cannot bring them back.
-    let values = id_params
-        .iter()
-        .map(|n| format!("SELECT @{n} AS opportunity_id"))
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    wh.execute(
-        &format!(
-            "MERGE {} T USING ({values}) S ON T.opportunity_id = S.opportunity_id \
-             WHEN NOT MATCHED THEN INSERT (opportunity_id, erased_at) VALUES (S.opportunity_id, CURRENT_TIMESTAMP())",
-            wh.table_ref(ERASED_TABLE)
-        ),
-        &params,
-    )
-    .await?;
+    suppress(wh, "opportunity", &ids).await?;
+    // A referral application can name the person (by email) on someone else's opportunity.
+    if let (Person::Email(e), true) = (who, tables.iter().any(|t| t == "applications")) {
+        let rows = wh
+            .query(
+                &format!(
+                    "SELECT id FROM {} WHERE LOWER(email) = @v",
+                    wh.table_ref("applications")
+                ),
+                &[("v", Param::str(e.trim().to_lowercase()))],
+            )
+            .await?;
+        let apps: Vec<String> = rows.rows.iter().filter_map(|r| rows.str(r, "id")).collect();
+        suppress(wh, "application", &apps).await?;
+    }
     for name in &tables {
         let Some(t) = table_of(name) else { continue };
         let Some(col) = t.opportunity_column() else { continue };
@@ -200,6 +201,35 @@ pub async fn erase(s: &Syncer, who: &Person) -> Result<EraseReport, SyncError> {
     }
     tracing::info!(opportunities = ids.len(), by = who.kind(), "erased a person");
     Ok(report)
+}
+
+/// Adds ids to the erase list (kept forever: the MERGE of every later run skips them).
+async fn suppress(wh: &Warehouse, kind: &str, ids: &[String]) -> Result<(), SyncError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = (0..ids.len()).map(|i| format!("i{i}")).collect();
+    let mut params: Vec<(&str, Param)> = names
+        .iter()
+        .zip(ids)
+        .map(|(n, v)| (n.as_str(), Param::str(v)))
+        .collect();
+    params.push(("kind", Param::str(kind)));
+    let values = names
+        .iter()
+        .map(|n| format!("SELECT @{n} AS id"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    wh.execute(
+        &format!(
+            "MERGE {} T USING ({values}) S ON T.id = S.id AND T.kind = @kind \
+             WHEN NOT MATCHED THEN INSERT (id, kind, erased_at) VALUES (S.id, @kind, CURRENT_TIMESTAMP())",
+            wh.table_ref(ERASED_TABLE)
+        ),
+        &params,
+    )
+    .await?;
+    Ok(())
 }
 
 /// The catalog table a dataset table holds: a target, or a run's staging table.

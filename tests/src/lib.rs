@@ -3,5 +3,6 @@
 
 pub mod bqproxy;
 pub mod harness;
+pub mod lambda;
 pub mod server;
 pub mod world;

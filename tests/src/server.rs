@@ -36,6 +36,9 @@ pub struct SimConfig {
     pub forbidden: HashSet<String>,
     /// Whether the key may read confidential opportunities (fixed when a key is made).
     pub confidential_access: bool,
+    /// Serve at most this many records a page whatever `limit` asks (more pages, for tests
+    /// that need long chains).
+    pub page_cap: Option<usize>,
     pub order_seed: u64,
 }
 
@@ -49,6 +52,7 @@ impl Default for SimConfig {
             child_404_when_empty: true,
             forbidden: HashSet::new(),
             confidential_access: true,
+            page_cap: None,
             order_seed: 42,
         }
     }
@@ -79,6 +83,8 @@ pub struct Fault {
     pub kind: FaultKind,
     /// How many matching requests it hits.
     pub times: u32,
+    /// Matching requests let through before it starts hitting.
+    pub skip: u32,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -163,10 +169,16 @@ impl Simulator {
     }
 
     pub fn inject(&self, label: Option<&str>, kind: FaultKind, times: u32) {
+        self.inject_after(label, kind, 0, times);
+    }
+
+    /// Like `inject`, after letting `skip` matching requests through.
+    pub fn inject_after(&self, label: Option<&str>, kind: FaultKind, skip: u32, times: u32) {
         lock(&self.shared.faults).push_back(Fault {
             label: label.map(str::to_owned),
             kind,
             times,
+            skip,
         });
     }
 
@@ -318,13 +330,17 @@ async fn gate(s: &Shared, label: &str, headers: &HeaderMap, has_token: bool) -> 
         let pos = faults.iter().position(|f| {
             f.label.as_deref().is_none_or(|l| l == label) && (f.kind != FaultKind::InvalidOffset || has_token)
         });
-        pos.map(|p| {
+        pos.and_then(|p| {
+            if faults[p].skip > 0 {
+                faults[p].skip -= 1;
+                return None;
+            }
             let kind = faults[p].kind.clone();
             faults[p].times -= 1;
             if faults[p].times == 0 {
                 faults.remove(p);
             }
-            kind
+            Some(kind)
         })
     };
     match fault {
@@ -366,7 +382,10 @@ fn page(
     mut records: Vec<Value>,
     fault: Option<FaultKind>,
 ) -> Response {
-    let seed = lock(&s.config).order_seed;
+    let (seed, cap) = {
+        let c = lock(&s.config);
+        (c.order_seed, c.page_cap.unwrap_or(100))
+    };
     records.sort_by_cached_key(|r| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         seed.hash(&mut h);
@@ -376,7 +395,8 @@ fn page(
     let limit = param(q, "limit")
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(100)
-        .clamp(1, 100);
+        .clamp(1, 100)
+        .min(cap.max(1));
     let fp = fingerprint(label, q);
     let offset = match param(q, "offset") {
         None => 0,

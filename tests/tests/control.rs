@@ -1,6 +1,8 @@
 //! What lands and how a user controls it: deletions, column selection, new fields, schema
 //! changes, erase, reset, delete-connection, anonymisation and confidential access.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use lever_sim::harness::{
     assert_columns_match_truth, assert_dataset_matches, assert_matches_truth, fast_sim, read_table, read_table_where,
     sync_all, Setup, ALL_TABLES, START_MS,
@@ -346,10 +348,25 @@ async fn erase_removes_a_person_everywhere_by_each_identifier_and_keeps_them_out
         .as_str()
         .unwrap()
         .to_owned();
+    // Another opportunity's application names Priya as its candidate (by email): it is hers.
+    let (other_opp, other_app) = {
+        let mut w = sim.world();
+        let other = rich_opportunities(&w).into_iter().next().unwrap();
+        let app = w.opportunities[&other]["applications"][0].as_str().unwrap().to_owned();
+        w.update_application(&app, |a| {
+            a["type"] = json!("referral");
+            a["email"] = json!("priya.n@example.org");
+        });
+        (other, app)
+    };
+    sync_all(&syncer).await.unwrap();
     let before: Vec<usize> = row_counts(wh).await;
     let cases = [
         (Person::Opportunity(jordan[0].clone()), jordan.clone()),
-        (Person::Email("PRIYA.N@example.org".into()), priya.clone()),
+        (
+            Person::Email("PRIYA.N@example.org".into()),
+            priya.iter().cloned().chain([other_opp.clone()]).collect(),
+        ),
         (
             Person::Contact(lukas_contact),
             vec!["9ea413b6-432a-4806-a6cb-683e55dda4c2".to_owned()],
@@ -364,7 +381,7 @@ async fn erase_removes_a_person_everywhere_by_each_identifier_and_keeps_them_out
     }
     let people_rows = |rows: &[serde_json::Map<String, Value>], col: &str| {
         rows.iter()
-            .filter(|r| erased.iter().any(|e| r[col] == json!(e)))
+            .filter(|r| erased.iter().any(|e| r[col] == json!(e)) || r["id"] == json!(other_app))
             .count()
     };
     let after = row_counts(wh).await;
@@ -523,4 +540,82 @@ async fn a_key_without_confidential_access_is_reported_and_syncs_the_rest() {
         .iter()
         .any(|r| runs.str(r, "table_name").as_deref() == Some("opportunities")
             && runs.str(r, "error_code").as_deref() == Some(NO_CONFIDENTIAL)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_without_an_opportunity_id_survive_an_erase() {
+    let sim = fast_sim(world()).await;
+    let setup = Setup::new(&sim, "nullopp");
+    let syncer = setup.syncer().await;
+    let orphan = {
+        let mut w = sim.world();
+        let opp = rich_opportunities(&w).into_iter().nth(1).unwrap();
+        let app = w.opportunities[&opp]["applications"][0].as_str().unwrap().to_owned();
+        w.update_application(&app, |a| a["opportunityId"] = Value::Null);
+        app
+    };
+    sync_all(&syncer).await.unwrap();
+    ops::erase(&syncer, &Person::Contact("3b324296-1112-42b3-8524-fd434452a839".into()))
+        .await
+        .unwrap();
+    sync_all(&syncer).await.unwrap();
+    let apps = read_table(syncer.warehouse(), "applications").await;
+    assert!(
+        apps.iter().any(|r| r["id"] == json!(orphan)),
+        "an application without opportunityId vanished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_runaway_run_keeps_a_requested_full_refresh() {
+    let sim = fast_sim(World::recorded()).await;
+    let setup = Setup::new(&sim, "abandon");
+    let syncer = setup.syncer().await;
+    sync_all(&syncer).await.unwrap();
+    ops::reset(&syncer, "opportunities").await.unwrap();
+    syncer.run_window("opportunities", None).await.unwrap();
+    syncer
+        .abandon_run("opportunities", "chain_hop_limit", "test")
+        .await
+        .unwrap();
+    let st = syncer.store().load("opportunities").await.unwrap();
+    assert!(st.flags.replace, "the reset is still pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_selected_during_a_run_do_not_break_it() {
+    let sim = fast_sim(world()).await;
+    let mut narrow = Setup::new(&sim, "midcols");
+    narrow.raw.sync.pages_per_window = Some(1);
+    narrow.raw.apply_columns_arg("opportunities=name,stage").unwrap();
+    let kill: KillSwitch =
+        Arc::new(|s: &str, c: Checkpoint, h| s == "opportunities" && c == Checkpoint::AfterSave && h == 0);
+    let first = narrow.syncer().await.with_kill_switch(kill);
+    first.setup().await.unwrap();
+    assert!(first.sync_stream("opportunities").await.is_err());
+    // The settings change: every column is selected now; the run in progress carries on.
+    let mut wide = Setup {
+        sim: sim.clone(),
+        dataset: narrow.dataset.clone(),
+        raw: narrow.raw.clone(),
+    };
+    wide.raw.tables.clear();
+    let syncer = wide.syncer().await;
+    sync_all(&syncer).await.unwrap();
+    let t = catalog::table("opportunities").unwrap();
+    let kept: Vec<_> = t
+        .columns
+        .iter()
+        .filter(|c| ["id", "name", "stage"].contains(&c.name))
+        .collect();
+    assert_columns_match_truth(
+        t,
+        &kept,
+        &read_table(syncer.warehouse(), "opportunities").await,
+        &sim.world().truth("opportunities", START_MS),
+    );
+    // A full refresh fills the new columns.
+    ops::reset(&syncer, "opportunities").await.unwrap();
+    sync_all(&syncer).await.unwrap();
+    assert_dataset_matches(&syncer, &sim, &["opportunities"]).await;
 }

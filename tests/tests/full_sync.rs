@@ -1,5 +1,7 @@
 //! A whole first sync of all seven tables, checked column by column against the simulator.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use lever_sim::harness::{assert_dataset_matches, fast_sim, sync_all, Setup, ALL_TABLES, START_MS};
 use lever_sim::world::{Volume, World};
 

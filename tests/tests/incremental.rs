@@ -1,5 +1,7 @@
 //! Later runs: incremental tables fetch only what changed; full-refresh tables match again.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use lever_sim::harness::{assert_dataset_matches, duplicate_ids, fast_sim, read_table, sync_all, Setup, ALL_TABLES};
 use lever_sim::world::{Volume, World};
 use serde_json::{json, Value};

@@ -1,6 +1,8 @@
 //! Interruptions, duplicate deliveries, Lever's rate limit and bad answers, BigQuery failures:
 //! each ends with a clear error or a recovery, and the next run ends equal to the truth.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use lever_sim::bqproxy::{BqFault, BqProxy};
 use lever_sim::harness::{
     assert_dataset_matches, duplicate_ids, emulator_url, fast_sim, read_table, sync_all, syncer_for, Setup, ALL_TABLES,
@@ -109,6 +111,13 @@ async fn a_window_delivered_twice_changes_nothing() {
                 }
                 WindowOutcome::Finished(_) => {
                     assert_eq!(again, WindowOutcome::Stale, "{stream} finalize delivered twice");
+                    // A late copy of the chain's first event must not start another run.
+                    let late_first = syncer.run_window(stream, Some(0)).await.unwrap();
+                    assert_eq!(
+                        late_first,
+                        WindowOutcome::Stale,
+                        "{stream}: a late first event started a run"
+                    );
                     break;
                 }
                 other => panic!("{stream}: {other:?}"),
@@ -304,4 +313,73 @@ async fn bad_settings_fail_before_anything_is_written() {
         0,
         "no Lever request before the warehouse is ready"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_fails_after_some_pages_resumes_from_where_it_started() {
+    let sim = fast_sim(World::generated(&Volume::new(260, 33))).await;
+    let mut setup = Setup::new(&sim, "midwindow");
+    setup.raw.sync.pages_per_window = Some(3);
+    // The window's first page comes back; the second fails until the retries give up.
+    sim.inject_after(Some("opportunities+applications"), FaultKind::Status(500), 1, 40);
+    let syncer = setup.syncer().await;
+    syncer.setup().await.unwrap();
+    assert!(syncer.sync_stream("opportunities").await.is_err());
+    let st = syncer.store().load("opportunities").await.unwrap();
+    assert_eq!(
+        (st.query_index, st.position.as_deref()),
+        (0, None),
+        "the saved position is the window's start"
+    );
+    sim.clear_faults();
+    sync_all(&setup.syncer().await).await.unwrap();
+    assert_exact(&setup, &sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_write_whose_answer_was_lost_is_recognised_as_done() {
+    let sim = fast_sim(World::recorded()).await;
+    let setup = Setup::new(&sim, "cas");
+    let syncer = setup.syncer().await;
+    syncer.setup().await.unwrap();
+    let store = syncer.store();
+    let st = store.load("users").await.unwrap();
+    let mut next = st.clone();
+    next.lease_owner = Some("me".into());
+    assert!(store.save(&next, st.version).await.unwrap());
+    // The same write again (a retry after a lost answer) finds its own write: done.
+    assert!(store.save(&next, st.version).await.unwrap());
+    // A different write from the same stale version is refused.
+    let mut other = st.clone();
+    other.lease_owner = Some("someone-else".into());
+    assert!(!store.save(&other, st.version).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_staging_is_gone_fails_clearly_instead_of_emptying_the_table() {
+    let sim = fast_sim(small_world()).await;
+    let setup = Setup::new(&sim, "stgone");
+    let syncer = setup.syncer().await;
+    sync_all(&syncer).await.unwrap();
+    // A second run of notes reaches finalize; its staging disappears (expired, dropped by hand).
+    loop {
+        let st = syncer.store().load("notes").await.unwrap();
+        if st.phase == lever_sync::sync::plan::Phase::Finalizing {
+            break;
+        }
+        syncer.run_window("notes", None).await.unwrap();
+    }
+    let run = syncer.store().load("notes").await.unwrap().run_id.unwrap();
+    syncer
+        .warehouse()
+        .drop_table(&lever_sync::warehouse::schema::staging_table_name("notes", &run))
+        .await
+        .unwrap();
+    let err = syncer.run_window("notes", None).await.unwrap_err().to_string();
+    assert!(err.contains("is gone"), "{err}");
+    assert_dataset_matches(&syncer, &sim, &["notes"]).await;
+    // Starting over gives the exact table again.
+    lever_sync::ops::reset(&syncer, "notes").await.unwrap();
+    sync_all(&syncer).await.unwrap();
+    assert_dataset_matches(&syncer, &sim, &["notes"]).await;
 }

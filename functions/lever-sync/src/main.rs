@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use lever_sync::config::{Config, RawConfig, ENV_VARS};
-use lever_sync::lever::{ClientConfig, LeverClient, LeverError};
+use lever_sync::lever::{LeverClient, LeverError};
 use lever_sync::ops::{self, Person};
 use lever_sync::sync::{system_clock, RunSummary, Syncer};
 use lever_sync::warehouse::Warehouse;
@@ -100,17 +100,7 @@ fn chrono_now() -> i64 {
 }
 
 fn lever_client(cfg: &Config) -> anyhow::Result<LeverClient> {
-    Ok(LeverClient::new(
-        cfg.lever.api_key.clone(),
-        ClientConfig {
-            base_url: cfg.lever.api_url.clone(),
-            environment: cfg.lever.environment,
-            rate_per_sec: cfg.lever.rate_per_sec,
-            burst: cfg.lever.burst,
-            timeout: cfg.lever.timeout,
-            retry: Default::default(),
-        },
-    )?)
+    Ok(cfg.lever.client()?)
 }
 
 #[tokio::main]
@@ -334,7 +324,7 @@ async fn status(path: Option<&str>) -> anyhow::Result<()> {
             runs.str(r, "table_name").unwrap_or_default(),
             runs.str(r, "run_id").unwrap_or_default(),
             runs.str(r, "outcome").unwrap_or_default(),
-            runs.int(r, "rows").unwrap_or(0),
+            runs.int(r, "row_count").unwrap_or(0),
             runs.int(r, "requests").unwrap_or(0),
             runs.int(r, "finished_at")
                 .and_then(lever_sync::rows::timestamp_text)

@@ -201,6 +201,8 @@ impl Syncer {
         let st = self.store.load(stream).await?;
         let mut next = SyncState::new(stream);
         next.cursor_ms = st.cursor_ms;
+        next.flags.replace = st.flags.replace;
+        next.flags.chain = st.flags.chain.clone();
         next.last_error = Some(format!("{code}: {message}"));
         if !self.store.save(&next, st.version).await? {
             return Err(SyncError::Invariant(format!("{stream} changed while ending its run")));
@@ -300,7 +302,9 @@ impl Syncer {
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let st = self.store.load(stream).await?;
         if let Some(h) = expected_hop {
-            let fresh_start = st.phase == Phase::Idle && h == 0;
+            // A first event starts a run unless it is a late copy of the one that started the last.
+            let fresh_start =
+                st.phase == Phase::Idle && h == 0 && st.flags.chain.as_deref() != Some(self.owner.as_str());
             if !fresh_start && (st.phase == Phase::Idle || st.hop != h) {
                 return Ok(WindowOutcome::Stale);
             }
@@ -330,11 +334,15 @@ impl Syncer {
             cur.requests = 0;
             cur.retries = 0;
             cur.last_error = None;
+            cur.flags.chain = Some(self.owner.clone());
         }
         if !self.store.save(&cur, st.version).await? {
             return Ok(WindowOutcome::Busy);
         }
         cur.version = st.version + 1;
+        // What a failure records: the position as the window found it, never one the window
+        // reached without loading what it passed.
+        let leased = cur.clone();
         let result = match cur.phase {
             Phase::Finalizing => self.finalize(stream, &mut cur).await,
             _ => self.fetch_window(stream_def, &mut cur).await,
@@ -344,7 +352,7 @@ impl Syncer {
             // A killed invocation writes nothing more, as a real crash would not.
             Err(e @ SyncError::Killed(_)) => Err(e),
             Err(e) => {
-                self.record_failure(stream, &cur, &e).await;
+                self.record_failure(stream, &leased, &e).await;
                 Err(e)
             }
         }
@@ -420,11 +428,24 @@ impl Syncer {
             .clone()
             .ok_or_else(|| SyncError::Invariant("fetching without a run".into()))?;
         let staging = self.staging(stream, &run_id);
-        if cur.hop == 0 {
-            for (t, name) in &staging {
-                self.wh
-                    .create_table(name, &schema::staging_fields(t, &self.columns(t)), Some(STAGING_TTL))
-                    .await?;
+        for (t, name) in &staging {
+            let fields = schema::staging_fields(t, &self.columns(t));
+            let names: Vec<String> = fields.iter().map(|f| f.name.to_owned()).collect();
+            match cur.flags.staged_columns.get(name.as_str()) {
+                Some(made) if names.iter().all(|n| made.contains(n)) => {}
+                // First window, or the settings changed during the run: make what is missing.
+                _ => {
+                    self.wh.create_table(name, &fields, Some(STAGING_TTL)).await?;
+                    if cur.hop > 0 {
+                        self.wh.add_missing_columns(name, &fields).await?;
+                    }
+                    let made = cur.flags.staged_columns.entry(name.clone()).or_default();
+                    for n in names {
+                        if !made.contains(&n) {
+                            made.push(n);
+                        }
+                    }
+                }
             }
         }
         let hop = cur.hop;
@@ -513,7 +534,8 @@ impl Syncer {
         let mut staged_rows = 0usize;
         for (s, (_, name)) in batch.into_iter().zip(&staging) {
             staged_rows += s.rows;
-            let job_id = format!("lever_sync_{name}_w{hop}");
+            // Unique per attempt: BigQuery answers a reused job id with the first attempt's job.
+            let job_id = load_job_id(name, hop, cur.version);
             self.wh.load_ndjson(name, &job_id, s.ndjson).await?;
         }
         self.checkpoint(stream, Checkpoint::AfterLoad, hop)?;
@@ -660,11 +682,16 @@ impl Syncer {
             .ok_or_else(|| SyncError::Invariant("finalizing without a run".into()))?;
         let staging = self.staging(stream, &run_id);
         let now = (self.clock)();
-        // A run whose first window died before creating staging has empty staging: the truth.
-        for (t, name) in &staging {
-            self.wh
-                .create_table(name, &schema::staging_fields(t, &self.columns(t)), Some(STAGING_TTL))
-                .await?;
+        // Staging exists from the first window on; if it is gone (expired, dropped) its rows are
+        // lost, and replacing a table from it would delete what it held.
+        let mut staged_columns = std::collections::HashMap::new();
+        for (_, name) in &staging {
+            let cols = self.wh.table_columns(name).await?.ok_or_else(|| {
+                SyncError::Invariant(format!(
+                    "the staging table {name} of run {run_id} is gone (expired or dropped): reset the table to start over"
+                ))
+            })?;
+            staged_columns.insert(name.clone(), cols);
         }
         let mut counts = Vec::new();
         for (t, name) in staging.iter().filter(|(t, _)| !is_deletions(t)) {
@@ -685,9 +712,12 @@ impl Syncer {
             // A field no record of a non-empty full refresh carried has vanished from Lever:
             // a replaced table matches Lever now, so its column goes. Incremental tables keep it.
             let present = cur.flags.present.get(t.name);
+            let staged = staged_columns.get(name.as_str()).cloned().unwrap_or_default();
             let merged: Vec<&Column> = columns
                 .iter()
                 .copied()
+                // A column selected after the run began was never staged: it fills next run.
+                .filter(|c| staged.iter().any(|s| s == c.name))
                 .filter(|c| {
                     !(replace && rows > 0)
                         || c.name == t.key
@@ -771,6 +801,7 @@ impl Syncer {
         let stream_def =
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let mut done = SyncState::new(stream);
+        done.flags.chain = cur.flags.chain.clone();
         done.cursor_ms = match stream_def.mode {
             SyncMode::Incremental => cur.run_started_ms,
             SyncMode::FullRefresh => cur.cursor_ms,
@@ -818,9 +849,15 @@ fn inline_records<'a>(record: &'a Value, field: &str, table: &str) -> Result<Vec
     }
 }
 
+/// A load job id unique to one attempt at one window (`version` is the state version the
+/// attempt holds), so BigQuery never mistakes a retry for the first attempt.
+pub fn load_job_id(staging: &str, hop: i64, version: i64) -> String {
+    format!("lever_sync_{staging}_w{hop}_v{version}")
+}
+
 /// Latest copy of each id from staging into the target. A replace (full refresh, or a reset)
 /// also deletes what the run did not see, which makes the MERGE an atomic replace that keeps
-/// the table's schema. Erased people's opportunities never come back.
+/// the table's schema. Erased people never come back.
 pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &str, replace: bool) -> String {
     let names: Vec<String> = columns
         .iter()
@@ -841,21 +878,26 @@ pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &st
     } else {
         ""
     };
-    let erased = match t.opportunity_column() {
-        Some(col) => format!(
-            " AND {c} NOT IN (SELECT opportunity_id FROM {e})",
-            c = quote(col),
-            e = wh.table_ref(schema::ERASED_TABLE)
-        ),
-        None => String::new(),
-    };
+    let erased = wh.table_ref(schema::ERASED_TABLE);
+    // NOT EXISTS, not NOT IN: a NULL key must not make every row vanish.
+    let mut keep = String::new();
+    if let Some(col) = t.opportunity_column() {
+        keep += &format!(
+            " AND NOT EXISTS (SELECT 1 FROM {erased} E WHERE E.kind = 'opportunity' AND E.id = R.{})",
+            quote(col)
+        );
+    }
+    if t.name == "applications" {
+        keep += &format!(" AND NOT EXISTS (SELECT 1 FROM {erased} E WHERE E.kind = 'application' AND E.id = R.{key})");
+    }
+    let cols = names.join(", ");
+    let r_cols = names.iter().map(|n| format!("R.{n}")).collect::<Vec<_>>().join(", ");
     format!(
-        "MERGE {target} T USING (SELECT {cols} FROM {stg} WHERE TRUE{erased} \
-         QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY {window} DESC) = 1) S \
+        "MERGE {target} T USING (SELECT {r_cols} FROM {stg} R WHERE TRUE{keep} \
+         QUALIFY ROW_NUMBER() OVER (PARTITION BY R.{key} ORDER BY R.{window} DESC) = 1) S \
          ON T.{key} = S.{key} WHEN MATCHED THEN UPDATE SET {set} \
          WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({insert_values}){delete}",
         target = wh.table_ref(t.name),
-        cols = names.join(", "),
         stg = wh.table_ref(staging),
         window = quote(WINDOW),
     )
@@ -878,6 +920,12 @@ pub fn mark_deleted_sql(wh: &Warehouse, table: &str, opportunity_column: &str, d
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn load_job_ids_differ_between_attempts_at_one_window() {
+        assert_ne!(load_job_id("_stg_notes_r1", 3, 7), load_job_id("_stg_notes_r1", 3, 8));
+        assert_ne!(load_job_id("_stg_notes_r1", 3, 7), load_job_id("_stg_notes_r1", 4, 7));
+    }
 
     #[test]
     fn path_segments_cannot_escape() {

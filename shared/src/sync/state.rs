@@ -22,6 +22,13 @@ pub struct RunFlags {
     /// Per table, the columns whose Lever field was present in at least one record this run.
     #[serde(default)]
     pub present: BTreeMap<String, Vec<String>>,
+    /// Per staging table, the columns it was made with (a settings change mid-run adds more).
+    #[serde(default)]
+    pub staged_columns: BTreeMap<String, Vec<String>>,
+    /// The chain that started the current (or last) run: its late duplicate first event must
+    /// not start another run.
+    #[serde(default)]
+    pub chain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +110,7 @@ pub struct StateStore {
 }
 
 const SELECT_STATE: &str = "stream, run_id, phase, queries, query_index, position, \
-    UNIX_MILLIS(cursor) AS cursor, UNIX_MILLIS(run_started_at) AS run_started_at, hop, rows, requests, retries, \
+    UNIX_MILLIS(cursor) AS cursor, UNIX_MILLIS(run_started_at) AS run_started_at, hop, staged_rows, requests, retries, \
     lease_owner, UNIX_MILLIS(lease_until) AS lease_until, version, last_error, flags";
 
 impl StateStore {
@@ -144,7 +151,7 @@ impl StateStore {
             .collect();
         let sql = format!(
             "MERGE {t} T USING ({source}) S ON T.stream = S.stream \
-             WHEN NOT MATCHED THEN INSERT (stream, phase, query_index, hop, rows, requests, retries, version) \
+             WHEN NOT MATCHED THEN INSERT (stream, phase, query_index, hop, staged_rows, requests, retries, version) \
              VALUES (S.stream, 'idle', 0, 0, 0, 0, 0, 0)",
             t = self.wh.table_ref(STATE_TABLE)
         );
@@ -189,14 +196,23 @@ impl StateStore {
     }
 
     /// Writes `next` if the stored row still has `expected_version`; returns whether it did.
-    /// On success the stored version is `expected_version + 1`.
+    /// On success the stored version is `expected_version + 1`. When the write reports no row
+    /// (as after a lost response whose retry found its own write), the stored row decides.
     pub async fn save(&self, next: &SyncState, expected_version: i64) -> Result<bool, WarehouseError> {
+        if self.save_once(next, expected_version).await? {
+            return Ok(true);
+        }
+        let stored = self.load(&next.stream).await?;
+        Ok(stored.version == expected_version + 1 && same_write(&stored, next))
+    }
+
+    async fn save_once(&self, next: &SyncState, expected_version: i64) -> Result<bool, WarehouseError> {
         let queries = serde_json::to_string(&next.queries).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
         let flags = serde_json::to_string(&next.flags).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
         let sql = format!(
             "UPDATE {} SET run_id = @run_id, phase = @phase, queries = @queries, query_index = @query_index, \
              position = @position, cursor = TIMESTAMP_MILLIS(@cursor), run_started_at = TIMESTAMP_MILLIS(@run_started), \
-             hop = @hop, rows = @rows, requests = @requests, retries = @retries, lease_owner = @lease_owner, \
+             hop = @hop, staged_rows = @rows, requests = @requests, retries = @retries, lease_owner = @lease_owner, \
              lease_until = TIMESTAMP_MILLIS(@lease_until), version = @version + 1, updated_at = CURRENT_TIMESTAMP(), \
              last_error = @last_error, flags = @flags WHERE stream = @stream AND version = @version",
             self.wh.table_ref(STATE_TABLE)
@@ -235,7 +251,7 @@ impl StateStore {
             String::new()
         };
         let sql = format!(
-            "INSERT INTO {} (table_name, stream, run_id, started_at, finished_at, rows, windows, requests, retries, outcome, error_code, error) \
+            "INSERT INTO {} (table_name, stream, run_id, started_at, finished_at, row_count, windows, requests, retries, outcome, error_code, error) \
              SELECT @table, @stream, @run_id, TIMESTAMP_MILLIS(@started), TIMESTAMP_MILLIS(@finished), @rows, @windows, @requests, @retries, @outcome, @error_code, @error \
              FROM (SELECT 1 AS one) AS x{guard}",
             self.wh.table_ref(HISTORY_TABLE)
@@ -262,7 +278,7 @@ impl StateStore {
         self.wh
             .query(
                 &format!(
-                    "SELECT table_name, run_id, outcome, rows, requests, retries, windows, UNIX_MILLIS(started_at) AS started_at, \
+                    "SELECT table_name, run_id, outcome, row_count, requests, retries, windows, UNIX_MILLIS(started_at) AS started_at, \
                      UNIX_MILLIS(finished_at) AS finished_at, error_code, error FROM {} ORDER BY finished_at DESC LIMIT {limit}",
                     self.wh.table_ref(HISTORY_TABLE)
                 ),
@@ -270,6 +286,13 @@ impl StateStore {
             )
             .await
     }
+}
+
+/// Whether `stored` is the row `next` would have written (all but version and write time).
+fn same_write(stored: &SyncState, next: &SyncState) -> bool {
+    let mut a = stored.clone();
+    a.version = next.version;
+    a == *next
 }
 
 fn decode(rows: &Rows, row: &[Value]) -> Result<SyncState, WarehouseError> {
@@ -295,7 +318,7 @@ fn decode(rows: &Rows, row: &[Value]) -> Result<SyncState, WarehouseError> {
         cursor_ms: rows.int(row, "cursor"),
         run_started_ms: rows.int(row, "run_started_at"),
         hop: rows.int(row, "hop").unwrap_or(0),
-        rows: rows.int(row, "rows").unwrap_or(0),
+        rows: rows.int(row, "staged_rows").unwrap_or(0),
         requests: rows.int(row, "requests").unwrap_or(0),
         retries: rows.int(row, "retries").unwrap_or(0),
         lease_owner: rows.str(row, "lease_owner"),

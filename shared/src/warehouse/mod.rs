@@ -67,6 +67,23 @@ impl WarehouseError {
 }
 
 /// Error reasons BigQuery documents as worth retrying.
+/// A failed load job. BigQuery's conversion messages can quote a value (personal data): only
+/// the job id and the reason are kept; the job itself shows the details to whoever may see them.
+fn load_failure(job_id: &str, err: &Value) -> WarehouseError {
+    let reason = err.get("reason").and_then(Value::as_str).unwrap_or("unknown");
+    WarehouseError::Job {
+        op: "load",
+        message: format!("job {job_id} failed [{reason}]"),
+        transient: transient_reason(reason),
+    }
+}
+
+/// Concurrent DML on one table can fail to serialize; a retry usually passes.
+fn transient_message(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("could not serialize access") || m.contains("concurrent update")
+}
+
 fn transient_reason(reason: &str) -> bool {
     matches!(
         reason,
@@ -85,7 +102,7 @@ fn api_error(op: &'static str, e: BQError) -> WarehouseError {
                 .any(|m| m.get("reason").is_some_and(|r| transient_reason(r)));
             (
                 format!("{} ({})", error.error.message, code),
-                code == 429 || code >= 500 || reason_transient,
+                code == 429 || code >= 500 || reason_transient || transient_message(&error.error.message),
             )
         }
         BQError::RequestError(r) => (
@@ -107,7 +124,9 @@ fn api_error(op: &'static str, e: BQError) -> WarehouseError {
 }
 
 fn job_errors(op: &'static str, errors: &[gcp_bigquery_client::model::error_proto::ErrorProto]) -> WarehouseError {
-    let transient = errors.iter().any(|e| e.reason.as_deref().is_some_and(transient_reason));
+    let transient = errors.iter().any(|e| {
+        e.reason.as_deref().is_some_and(transient_reason) || e.message.as_deref().is_some_and(transient_message)
+    });
     let message = errors
         .iter()
         .map(|e| {
@@ -587,13 +606,7 @@ impl Warehouse {
         loop {
             if job.pointer("/status/state").and_then(Value::as_str) == Some("DONE") {
                 if let Some(err) = job.pointer("/status/errorResult") {
-                    let reason = err.get("reason").and_then(Value::as_str).unwrap_or("");
-                    let message = err.get("message").and_then(Value::as_str).unwrap_or("load failed");
-                    return Err(WarehouseError::Job {
-                        op: "load",
-                        message: format!("{message} [{reason}]"),
-                        transient: transient_reason(reason),
-                    });
+                    return Err(load_failure(job_id, err));
                 }
                 return Ok(());
             }
@@ -614,5 +627,31 @@ impl Warehouse {
                 .map_err(|e| api_error("job status", e))?;
             job = serde_json::to_value(&j).map_err(|e| WarehouseError::Unexpected(e.to_string()))?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_load_never_quotes_a_value() {
+        let err = json!({"reason": "invalid", "message": "Error while reading data, error message: Could not parse 'Zoë Ångström' as INT64 for field duration"});
+        let e = load_failure("job-1", &err);
+        let text = e.to_string();
+        assert!(
+            !text.contains("Zoë") && text.contains("invalid") && text.contains("job-1"),
+            "{text}"
+        );
+        assert!(!e.is_retryable());
+        assert!(load_failure("j", &json!({"reason": "backendError"})).is_retryable());
+    }
+
+    #[test]
+    fn concurrent_update_failures_are_retried() {
+        assert!(transient_message(
+            "Could not serialize access to table p:d.t due to concurrent update"
+        ));
+        assert!(!transient_message("Syntax error: Unexpected keyword ROWS"));
     }
 }

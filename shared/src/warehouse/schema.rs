@@ -104,7 +104,7 @@ pub const STATE_FIELDS: &[Field] = &[
     f("cursor", ColumnType::Timestamp),
     f("run_started_at", ColumnType::Timestamp),
     f("hop", ColumnType::Int64),
-    f("rows", ColumnType::Int64),
+    f("staged_rows", ColumnType::Int64),
     f("requests", ColumnType::Int64),
     f("retries", ColumnType::Int64),
     f("lease_owner", ColumnType::String),
@@ -115,12 +115,15 @@ pub const STATE_FIELDS: &[Field] = &[
     f("flags", ColumnType::String),
 ];
 
+/// `kind` is `opportunity` (every row of it) or `application` (a referral application that
+/// named the person on someone else's opportunity).
 pub const ERASED_FIELDS: &[Field] = &[
     Field {
-        name: "opportunity_id",
+        name: "id",
         ty: ColumnType::String,
         required: true,
     },
+    f("kind", ColumnType::String),
     f("erased_at", ColumnType::Timestamp),
 ];
 
@@ -134,7 +137,7 @@ pub const HISTORY_FIELDS: &[Field] = &[
     f("run_id", ColumnType::String),
     f("started_at", ColumnType::Timestamp),
     f("finished_at", ColumnType::Timestamp),
-    f("rows", ColumnType::Int64),
+    f("row_count", ColumnType::Int64),
     f("windows", ColumnType::Int64),
     f("requests", ColumnType::Int64),
     f("retries", ColumnType::Int64),
@@ -142,3 +145,127 @@ pub const HISTORY_FIELDS: &[Field] = &[
     f("error_code", ColumnType::String),
     f("error", ColumnType::String),
 ];
+
+/// BigQuery's reserved keywords: none may name a column, quoted or not, so that hand-written
+/// SQL by users (and ours) never trips on one.
+pub const RESERVED: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "assert_rows_modified",
+    "at",
+    "between",
+    "by",
+    "case",
+    "cast",
+    "collate",
+    "contains",
+    "create",
+    "cross",
+    "cube",
+    "current",
+    "default",
+    "define",
+    "desc",
+    "distinct",
+    "else",
+    "end",
+    "enum",
+    "escape",
+    "except",
+    "exclude",
+    "exists",
+    "extract",
+    "false",
+    "fetch",
+    "following",
+    "for",
+    "from",
+    "full",
+    "group",
+    "grouping",
+    "groups",
+    "hash",
+    "having",
+    "if",
+    "ignore",
+    "in",
+    "inner",
+    "intersect",
+    "interval",
+    "into",
+    "is",
+    "join",
+    "lateral",
+    "left",
+    "like",
+    "limit",
+    "lookup",
+    "merge",
+    "natural",
+    "new",
+    "no",
+    "not",
+    "null",
+    "nulls",
+    "of",
+    "on",
+    "or",
+    "order",
+    "outer",
+    "over",
+    "partition",
+    "preceding",
+    "proto",
+    "qualify",
+    "range",
+    "recursive",
+    "respect",
+    "right",
+    "rollup",
+    "rows",
+    "select",
+    "set",
+    "some",
+    "struct",
+    "tablesample",
+    "then",
+    "to",
+    "treat",
+    "true",
+    "unbounded",
+    "union",
+    "unnest",
+    "using",
+    "when",
+    "where",
+    "window",
+    "with",
+    "within",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{DELETIONS, TABLES};
+
+    #[test]
+    fn no_column_is_named_after_a_reserved_keyword() {
+        let catalog = TABLES
+            .iter()
+            .chain([&DELETIONS])
+            .flat_map(|t| t.columns.iter().map(|c| c.name));
+        let meta = STATE_FIELDS
+            .iter()
+            .chain(HISTORY_FIELDS)
+            .chain(ERASED_FIELDS)
+            .chain(&META)
+            .map(|f| f.name);
+        for name in catalog.chain(meta).chain([WINDOW, DELETED_AT]) {
+            assert!(!RESERVED.contains(&name), "`{name}` is a reserved keyword in BigQuery");
+        }
+    }
+}
