@@ -17,6 +17,9 @@ pub struct BqFault {
     pub body_contains: Option<String>,
     pub status: u16,
     pub times: u32,
+    /// Forward the request first, then answer with the failure: the work is done, the answer
+    /// lost (as on a dropped connection).
+    pub lose_answer: bool,
 }
 
 #[derive(Clone)]
@@ -73,7 +76,7 @@ async fn forward(State(p): State<Inner>, method: Method, uri: Uri, headers: Head
             path.contains(&f.path_contains) && f.body_contains.as_deref().is_none_or(|b| text.contains(b))
         });
         hit.map(|i| {
-            let status = faults[i].status;
+            let status = (faults[i].status, faults[i].lose_answer);
             faults[i].times -= 1;
             if faults[i].times == 0 {
                 faults.remove(i);
@@ -81,8 +84,11 @@ async fn forward(State(p): State<Inner>, method: Method, uri: Uri, headers: Head
             status
         })
     };
-    if let Some(status) = injected {
+    if let Some((status, lose_answer)) = injected {
         *p.hits.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        if lose_answer {
+            let _ = send(&p, &method, &uri, &headers, &body).await;
+        }
         let reason = if status >= 500 { "backendError" } else { "invalid" };
         let body = json!({"error": {"code": status, "message": "injected failure", "errors": [{"reason": reason, "message": "injected failure"}], "status": "UNAVAILABLE"}});
         return (
@@ -92,15 +98,7 @@ async fn forward(State(p): State<Inner>, method: Method, uri: Uri, headers: Head
         )
             .into_response();
     }
-    let url = format!("{}{}", p.upstream, uri.path_and_query().map_or("", |q| q.as_str()));
-    let m = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
-    let mut req = p.http.request(m, url).body(body.to_vec());
-    for name in ["content-type", "authorization"] {
-        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
-            req = req.header(name, v);
-        }
-    }
-    match req.send().await {
+    match send(&p, &method, &uri, &headers, &body).await {
         Ok(resp) => {
             let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let ct = resp
@@ -114,4 +112,22 @@ async fn forward(State(p): State<Inner>, method: Method, uri: Uri, headers: Head
         }
         Err(_) => (StatusCode::BAD_GATEWAY, "upstream unreachable").into_response(),
     }
+}
+
+async fn send(
+    p: &Inner,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> reqwest::Result<reqwest::Response> {
+    let url = format!("{}{}", p.upstream, uri.path_and_query().map_or("", |q| q.as_str()));
+    let m = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
+    let mut req = p.http.request(m, url).body(body.to_vec());
+    for name in ["content-type", "authorization"] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            req = req.header(name, v);
+        }
+    }
+    req.send().await
 }

@@ -259,12 +259,14 @@ async fn bigquery_failures_mid_run_are_retried_or_reported_and_the_next_run_is_e
         body_contains: None,
         status: 503,
         times: 1,
+        lose_answer: false,
     });
     proxy.fail(BqFault {
         path_contains: "/queries".into(),
         body_contains: Some("MERGE".into()),
         status: 500,
         times: 1,
+        lose_answer: false,
     });
     sync_all(&setup.syncer().await).await.unwrap();
     assert_eq!(proxy.hits(), 2);
@@ -281,6 +283,7 @@ async fn bigquery_failures_mid_run_are_retried_or_reported_and_the_next_run_is_e
         body_contains: Some("_stg_notes_".into()),
         status: 500,
         times: 1000,
+        lose_answer: false,
     });
     let syncer = setup.syncer().await;
     let err = syncer.sync_stream("notes").await.unwrap_err();
@@ -339,20 +342,31 @@ async fn a_window_that_fails_after_some_pages_resumes_from_where_it_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_write_whose_answer_was_lost_is_recognised_as_done() {
     let sim = fast_sim(World::recorded()).await;
-    let setup = Setup::new(&sim, "cas");
+    let proxy = BqProxy::start(&emulator_url()).await.unwrap();
+    let mut setup = Setup::new(&sim, "cas");
+    setup.raw.bigquery.api_url = Some(proxy.url.clone());
     let syncer = setup.syncer().await;
     syncer.setup().await.unwrap();
     let store = syncer.store();
     let st = store.load("users").await.unwrap();
     let mut next = st.clone();
     next.lease_owner = Some("me".into());
-    assert!(store.save(&next, st.version).await.unwrap());
-    // The same write again (a retry after a lost answer) finds its own write: done.
-    assert!(store.save(&next, st.version).await.unwrap());
-    // A different write from the same stale version is refused.
-    let mut other = st.clone();
-    other.lease_owner = Some("someone-else".into());
-    assert!(!store.save(&other, st.version).await.unwrap());
+    // The UPDATE is applied but its answer is lost; the retry finds the row already moved on.
+    proxy.fail(BqFault {
+        path_contains: "/queries".into(),
+        body_contains: Some("UPDATE".into()),
+        status: 503,
+        times: 1,
+        lose_answer: true,
+    });
+    assert!(
+        store.save(&next, st.version).await.unwrap(),
+        "our own write is recognised"
+    );
+    assert_eq!(proxy.hits(), 1);
+    assert_eq!(store.load("users").await.unwrap().version, st.version + 1);
+    // An identical write by another attempt from the same version is refused: no fork.
+    assert!(!store.save(&next, st.version).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,10 @@ pub struct RunFlags {
     /// not start another run.
     #[serde(default)]
     pub chain: Option<String>,
+    /// A token unique to one write of the row: after a lost answer, finding our own token is
+    /// how a retried write knows it had succeeded (two writers never share one).
+    #[serde(default)]
+    pub write: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -199,11 +203,14 @@ impl StateStore {
     /// On success the stored version is `expected_version + 1`. When the write reports no row
     /// (as after a lost response whose retry found its own write), the stored row decides.
     pub async fn save(&self, next: &SyncState, expected_version: i64) -> Result<bool, WarehouseError> {
-        if self.save_once(next, expected_version).await? {
+        let mut next = next.clone();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        next.flags.write = Some(token.clone());
+        if self.save_once(&next, expected_version).await? {
             return Ok(true);
         }
         let stored = self.load(&next.stream).await?;
-        Ok(stored.version == expected_version + 1 && same_write(&stored, next))
+        Ok(stored.version == expected_version + 1 && stored.flags.write.as_deref() == Some(token.as_str()))
     }
 
     async fn save_once(&self, next: &SyncState, expected_version: i64) -> Result<bool, WarehouseError> {
@@ -286,13 +293,6 @@ impl StateStore {
             )
             .await
     }
-}
-
-/// Whether `stored` is the row `next` would have written (all but version and write time).
-fn same_write(stored: &SyncState, next: &SyncState) -> bool {
-    let mut a = stored.clone();
-    a.version = next.version;
-    a == *next
 }
 
 fn decode(rows: &Rows, row: &[Value]) -> Result<SyncState, WarehouseError> {
