@@ -116,6 +116,7 @@ async fn main() {
     } else {
         tracing_subscriber::fmt()
             .compact()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
