@@ -726,10 +726,10 @@ impl Syncer {
                 })
                 .collect();
             let target_fields = schema::target_fields(t, &merged);
-            self.wh.add_missing_columns(t.name, &target_fields).await?;
+            let target_columns = self.wh.add_missing_columns(t.name, &target_fields).await?;
             if replace {
                 let keep: Vec<&str> = target_fields.iter().map(|f| f.name).collect();
-                for extra in self.wh.table_columns(t.name).await?.unwrap_or_default() {
+                for extra in target_columns {
                     if !keep.contains(&extra.as_str()) {
                         self.wh
                             .execute(

@@ -352,9 +352,10 @@ impl Warehouse {
     }
 
     /// Adds the fields a table lacks (`ALTER TABLE ADD COLUMN`, which both BigQuery and the
-    /// emulator honour; the emulator ignores columns added by `tables.patch`).
+    /// emulator honour; the emulator ignores columns added by `tables.patch`). Returns every
+    /// column the table has afterwards.
     pub async fn add_missing_columns(&self, table: &str, fields: &[Field]) -> Result<Vec<String>, WarehouseError> {
-        let existing = self.table_columns(table).await?.unwrap_or_default();
+        let mut existing = self.table_columns(table).await?.unwrap_or_default();
         let mut added = Vec::new();
         for f in fields.iter().filter(|f| !existing.iter().any(|e| e == f.name)) {
             self.execute(
@@ -369,7 +370,8 @@ impl Warehouse {
             .await?;
             added.push(f.name.to_owned());
         }
-        Ok(added)
+        existing.extend(added);
+        Ok(existing)
     }
 
     pub async fn drop_table(&self, table: &str) -> Result<(), WarehouseError> {
