@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 DEMO_OPPORTUNITIES ?= 100
 DEMO_START_DATE ?= 2020-01-01
 
-.PHONY: help venv build-local demo test test-unit lint fmt clean build deploy
+.PHONY: help venv build-local demo test test-unit lint fmt clean build deploy bench
 
 help:
 	@echo "make demo   - sync the simulator's Lever account into a local BigQuery emulator and show what landed"
 	@echo "make test   - unit and end-to-end tests (starts the emulator itself)"
+	@echo "make bench  - a 5,000-opportunity account synced twice (full, then incremental): requests, rate, memory"
 	@echo "make lint   - formatting, clippy, and the template through cfn-lint and checkov"
 	@echo "make build  - the Lambda zips (cargo lambda, arm64); make deploy - sam deploy"
 
@@ -37,6 +38,16 @@ demo: venv build-local
 	echo "== lever-sync check"; target/release/lever-sync check; \
 	echo "== lever-sync sync (the simulator allows Lever's 10 requests/second)"; target/release/lever-sync sync; \
 	echo "== what landed"; target/release/demo-report
+
+# Numbers, not pass/fail: see tests/src/bin/bench.rs. BENCH_ARGS passes options, e.g.
+# BENCH_ARGS="--opportunities 1000 --children sweep".
+BENCH_ARGS ?=
+bench: venv
+	cargo build --release -p lever-sync -p lever-sim
+	@trap 'scripts/services.sh stop' EXIT; \
+	set -e; \
+	eval "export $$(scripts/services.sh start-bq)"; \
+	target/release/lever-bench --sync-bin target/release/lever-sync $(BENCH_ARGS)
 
 test: venv lint
 	@trap 'scripts/services.sh stop' EXIT; \

@@ -148,6 +148,22 @@ pub const DELETIONS: TableDef = TableDef {
     ],
 };
 
+/// In a sweep run of a child table, every in-scope opportunity the walk saw, and whether its
+/// children were re-read: at the end, a re-read opportunity's children replace its old ones and
+/// the children of opportunities no longer in scope go.
+pub const SWEPT: TableDef = TableDef {
+    name: "swept_opportunities",
+    origin: Origin::List { path: "/opportunities" },
+    key: "id",
+    mode: SyncMode::FullRefresh,
+    cursor: None,
+    fixed_params: &[],
+    columns: &[
+        col("id", ColumnType::String, "id"),
+        col("reread", ColumnType::Bool, "reread"),
+    ],
+};
+
 impl TableDef {
     /// The column holding the opportunity a row belongs to, if any.
     pub fn opportunity_column(&self) -> Option<&'static str> {

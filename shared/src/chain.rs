@@ -90,10 +90,9 @@ impl ChainApp {
         let env = settings_env();
         let sdk = crate::aws::sdk_config(None).await;
         let secrets = Secrets::new(&sdk);
-        let mut cfg = lambda_config(&env, &secrets, now_ms()).await?;
-        // Each chain runs in its own container with its own pace: the account's budget is
-        // shared equally between the chains that may run at once.
-        cfg.lever.rate_per_sec = (cfg.lever.rate_per_sec / cfg.streams().len().max(1) as f64).max(0.5);
+        // The client starts with the account's whole budget; each step takes its share of it
+        // (see `step`).
+        let cfg = lambda_config(&env, &secrets, now_ms()).await?;
         let lever = cfg
             .lever
             .client()
@@ -127,7 +126,21 @@ pub async fn step(app: &ChainApp, event: &ChainEvent, deadline_ms: Option<i64>) 
     if event.chain.trim().is_empty() {
         return Err(SyncError::Invariant("the event has no chain id".into()));
     }
-    let st = app.syncer.store().load(stream).await?;
+    // One read of every table's state: this one's, and how many other chains hold a live lease.
+    // Each chain runs in its own container with its own pace, so the account's budget is split
+    // evenly between the chains running now, recomputed every window as chains start and end.
+    let now = now_ms();
+    let states = app.syncer.store().load_all().await?;
+    let st = states
+        .iter()
+        .find(|s| s.stream == stream)
+        .cloned()
+        .ok_or_else(|| SyncError::Invariant(format!("no state row for {stream}: run setup first")))?;
+    let others = states
+        .iter()
+        .filter(|s| s.stream != stream && s.phase != Phase::Idle && s.lease_until_ms.is_some_and(|u| u > now))
+        .count();
+    app.syncer.lever().limiter().set_share(1 + others);
     let runaway = if event.hop >= app.limits.max_hops {
         Some(("chain_hop_limit", format!("the chain reached {} windows", event.hop)))
     } else if st.phase != Phase::Idle

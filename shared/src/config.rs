@@ -81,6 +81,10 @@ pub struct RawSync {
     pub child_concurrency: Option<usize>,
     pub overlap_secs: Option<u64>,
     pub lease_secs: Option<u64>,
+    /// How child tables are kept: "full" (re-read every run) or "sweep".
+    pub children: Option<String>,
+    /// In sweep mode, every opportunity's children are re-read at least this often.
+    pub sweep_days: Option<u64>,
 }
 
 // Settings as typed may hold the API key and a service-account key: their Debug shows neither.
@@ -126,6 +130,8 @@ pub const ENV_VARS: &[&str] = &[
     "BIGQUERY_CREDENTIALS_JSON",
     "BIGQUERY_EMULATOR",
     "LEVER_COLUMNS",
+    "LEVER_CHILD_SYNC",
+    "LEVER_SWEEP_DAYS",
 ];
 
 impl RawConfig {
@@ -208,6 +214,15 @@ impl RawConfig {
         if let Some(v) = get("LEVER_COLUMNS") {
             self.apply_columns_json(&v)?;
         }
+        if let Some(v) = get("LEVER_CHILD_SYNC") {
+            self.sync.children = Some(v);
+        }
+        if let Some(v) = get("LEVER_SWEEP_DAYS") {
+            self.sync.sweep_days = Some(
+                v.parse()
+                    .map_err(|_| bad("LEVER_SWEEP_DAYS must be a whole number of days"))?,
+            );
+        }
         if let Some(v) = get("BIGQUERY_EMULATOR") {
             self.bigquery.emulator = Some(matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
         }
@@ -254,15 +269,33 @@ pub struct SyncSettings {
     /// How long a chain holds a table once it stops renewing (a crashed chain's table frees up
     /// after this).
     pub lease: Duration,
+    pub children: ChildSync,
 }
+
+/// How the per-opportunity child tables (interviews, notes, offers, referrals) are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildSync {
+    /// Every run re-reads the children of every in-scope opportunity and replaces the tables:
+    /// exact at the end of every run, one request per opportunity per table.
+    Full,
+    /// A run re-reads the children of the opportunities that changed since the last run plus a
+    /// rotating slice of the others, so that each is re-read at least once per `period`; the
+    /// children of a re-read opportunity replace its previous ones. Exact within the period.
+    Sweep { period: Duration },
+}
+
+pub const DEFAULT_SWEEP_DAYS: u64 = 7;
 
 impl Default for SyncSettings {
     fn default() -> Self {
         SyncSettings {
             pages_per_window: 10,
-            child_concurrency: 8,
+            // Requests wait for the rate limiter, not for each other: enough parents in flight
+            // to keep a fast budget busy while responses take their time.
+            child_concurrency: 32,
             overlap: Duration::from_secs(300),
             lease: Duration::from_secs(900),
+            children: ChildSync::Full,
         }
     }
 }
@@ -500,6 +533,20 @@ impl RawConfig {
             child_concurrency: s.child_concurrency.unwrap_or(d.child_concurrency).clamp(1, 64),
             overlap: s.overlap_secs.map_or(d.overlap, Duration::from_secs),
             lease: s.lease_secs.map_or(d.lease, |v| Duration::from_secs(v.max(1))),
+            children: match s.children.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
+                None => d.children,
+                Some(v) if v == "full" => ChildSync::Full,
+                Some(v) if v == "sweep" => {
+                    let days = s.sweep_days.unwrap_or(DEFAULT_SWEEP_DAYS);
+                    if days == 0 {
+                        return Err(bad("sweep_days must be at least 1"));
+                    }
+                    ChildSync::Sweep {
+                        period: Duration::from_secs(days * 86_400),
+                    }
+                }
+                Some(_) => return Err(bad("children must be \"full\" or \"sweep\"")),
+            },
         };
         Ok(Config {
             lever,

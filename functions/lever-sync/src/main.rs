@@ -34,6 +34,10 @@ enum Command {
         /// Columns to sync for a table, as TABLE=col1,col2 (repeatable).
         #[arg(long = "columns")]
         columns: Vec<String>,
+        /// Also write what the sync did as JSON to this file: per table rows, requests,
+        /// windows; in all requests, retries, 429s, wall time, CPU time and peak memory.
+        #[arg(long)]
+        report: Option<String>,
     },
     /// Show each stream's state and the latest runs.
     Status,
@@ -125,7 +129,11 @@ async fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Check => check(cli.config.as_deref()).await,
-        Command::Sync { tables, columns } => sync(cli.config.as_deref(), tables, columns).await,
+        Command::Sync {
+            tables,
+            columns,
+            report,
+        } => sync(cli.config.as_deref(), tables, columns, report.as_deref()).await,
         Command::Status => status(cli.config.as_deref()).await,
         Command::Discover { sample, columns } => discover(cli.config.as_deref(), *sample, columns).await,
         Command::Erase {
@@ -233,7 +241,7 @@ async fn syncer(cfg: Config) -> anyhow::Result<Syncer> {
     Ok(Syncer::new(Arc::new(cfg), lever, wh, owner, system_clock()))
 }
 
-async fn sync(path: Option<&str>, tables: &[String], columns: &[String]) -> anyhow::Result<()> {
+async fn sync(path: Option<&str>, tables: &[String], columns: &[String], report: Option<&str>) -> anyhow::Result<()> {
     let cfg = load_config_with(path, tables, columns)?;
     let streams = cfg.streams();
     let s = syncer(cfg).await?;
@@ -247,6 +255,7 @@ async fn sync(path: Option<&str>, tables: &[String], columns: &[String]) -> anyh
     }))
     .await;
     let mut failed = Vec::new();
+    let mut per_table = Vec::new();
     println!(
         "{:<15} {:>8} {:>9} {:>8} {:>8}",
         "table", "rows", "requests", "windows", "retries"
@@ -261,6 +270,10 @@ async fn sync(path: Option<&str>, tables: &[String], columns: &[String]) -> anyh
                 ..
             }) => {
                 for t in tables {
+                    per_table.push(serde_json::json!({
+                        "table": t.table, "rows": t.rows, "stream": stream,
+                        "stream_requests": requests, "windows": windows, "retries": retries,
+                    }));
                     println!(
                         "{:<15} {:>8} {:>9} {:>8} {:>8}",
                         t.table, t.rows, requests, windows, retries
@@ -268,19 +281,31 @@ async fn sync(path: Option<&str>, tables: &[String], columns: &[String]) -> anyh
                 }
             }
             Err(e) => {
+                per_table.push(serde_json::json!({"stream": stream, "error_code": e.code()}));
                 println!("{stream:<15} FAILED [{}] {e}", e.code());
                 failed.push(*stream);
             }
         }
     }
     let stats = s.lever().totals().snapshot();
+    let wall = started.elapsed().as_secs_f64();
     println!(
-        "done in {:.1}s: {} Lever requests, {} retries, {} throttled",
-        started.elapsed().as_secs_f64(),
-        stats.requests,
-        stats.retries,
-        stats.throttled
+        "done in {wall:.1}s: {} Lever requests, {} retries, {} throttled",
+        stats.requests, stats.retries, stats.throttled
     );
+    if let Some(path) = report {
+        let (cpu, peak) = resources();
+        let doc = serde_json::json!({
+            "wall_seconds": wall,
+            "requests": stats.requests,
+            "retries": stats.retries,
+            "throttled": stats.throttled,
+            "cpu_seconds": cpu,
+            "peak_memory_bytes": peak,
+            "tables": per_table,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("cannot write {path}"))?;
+    }
     if !failed.is_empty() {
         bail!("{} failed; the next sync resumes where it stopped", failed.join(", "));
     }
@@ -419,4 +444,23 @@ async fn first_opportunity(lever: &LeverClient) -> Option<String> {
         .and_then(|o| o.get("id"))
         .and_then(|v| v.as_str())
         .map(str::to_owned)
+}
+
+/// This process's CPU seconds (user + system) and peak resident memory in bytes, from /proc
+/// (Linux; `None` elsewhere).
+fn resources() -> (Option<f64>, Option<u64>) {
+    // Field 14 and 15 of /proc/self/stat, after the command name in parentheses, in clock
+    // ticks; Linux fixes the tick for user space at 100 per second.
+    let cpu = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+        let rest = s.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    });
+    let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb = line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+        Some(kb * 1024)
+    });
+    (cpu, peak)
 }

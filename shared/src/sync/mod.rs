@@ -12,7 +12,7 @@ pub mod plan;
 pub mod state;
 
 use crate::catalog::{self, Column, Origin, SyncMode, TableDef};
-use crate::config::Config;
+use crate::config::{ChildSync, Config};
 use crate::error::SyncError;
 use crate::lever::{LeverClient, LeverError, Page};
 use crate::rows::{self, RowMeta};
@@ -227,7 +227,7 @@ impl Syncer {
                 .await?;
         }
         if let Some(run) = &st.run_id {
-            for (_, name) in self.staging(stream, run) {
+            for (_, name) in self.staging(stream, run, st.flags.sweep) {
                 self.wh.drop_table(&name).await?;
             }
         }
@@ -335,6 +335,11 @@ impl Syncer {
             cur.retries = 0;
             cur.last_error = None;
             cur.flags.chain = Some(self.owner.clone());
+            // A sweep needs the last run's start; the first run and a reset read everything.
+            cur.flags.sweep = matches!(self.cfg.sync.children, ChildSync::Sweep { .. })
+                && matches!(stream_def.origin, Origin::PerParent { .. })
+                && st.cursor_ms.is_some()
+                && !st.flags.replace;
         }
         if !self.store.save(&cur, st.version).await? {
             return Ok(WindowOutcome::Busy);
@@ -394,9 +399,9 @@ impl Syncer {
         }
     }
 
-    /// The run's staging tables: one per selected table of the stream, and for a stream with
-    /// incremental tables one for Lever's deletions.
-    fn staging(&self, stream: &str, run_id: &str) -> Vec<(&'static TableDef, String)> {
+    /// The run's staging tables: one per selected table of the stream, for a stream with
+    /// incremental tables one for Lever's deletions, and for a sweep one for the parents seen.
+    fn staging(&self, stream: &str, run_id: &str, sweep: bool) -> Vec<(&'static TableDef, String)> {
         let tables = self.cfg.selected_of_stream(stream);
         let marks_deletions = tables
             .iter()
@@ -404,13 +409,14 @@ impl Syncer {
         tables
             .into_iter()
             .chain(marks_deletions.then_some(&catalog::DELETIONS))
+            .chain(sweep.then_some(&catalog::SWEPT))
             .map(|t| (t, schema::staging_table_name(t.name, run_id)))
             .collect()
     }
 
-    /// The columns written for `t` (the deletions list keeps all of its own).
+    /// The columns written for `t` (the run's own lists keep all of theirs).
     fn columns(&self, t: &'static TableDef) -> Vec<&'static Column> {
-        if is_deletions(t) {
+        if is_deletions(t) || is_swept(t) {
             t.columns.iter().collect()
         } else {
             self.cfg.columns_of(t)
@@ -427,7 +433,7 @@ impl Syncer {
             .run_id
             .clone()
             .ok_or_else(|| SyncError::Invariant("fetching without a run".into()))?;
-        let staging = self.staging(stream, &run_id);
+        let staging = self.staging(stream, &run_id, cur.flags.sweep);
         for (t, name) in &staging {
             let fields = schema::staging_fields(t, &self.columns(t));
             let names: Vec<String> = fields.iter().map(|f| f.name.to_owned()).collect();
@@ -465,10 +471,22 @@ impl Syncer {
                 present: BTreeSet::new(),
             })
             .collect();
-        let pages = match stream_def.origin {
-            Origin::PerParent { .. } => 1,
+        let sweep = match (cur.flags.sweep, self.cfg.sync.children, cur.cursor_ms) {
+            (true, ChildSync::Sweep { period }, Some(from)) => Some(Sweep {
+                from_ms: from,
+                now_ms: cur.run_started_ms.unwrap_or(now),
+                overlap_ms: self.cfg.sync.overlap.as_millis() as i64,
+                period_ms: period.as_millis() as i64,
+            }),
+            _ => None,
+        };
+        // A child window fetches the children of about a page of parents: one page, or in a
+        // sweep as many pages as it takes to find that many parents to re-read.
+        let pages = match (stream_def.origin, &sweep) {
+            (Origin::PerParent { .. }, None) => 1,
             _ => self.cfg.sync.pages_per_window,
         };
+        let mut reread_in_window = 0usize;
         for page_no in 0..pages {
             if page_no > 0 && self.deadline_ms.is_some_and(|d| (self.clock)() >= d) {
                 // Leave the rest for the next invocation rather than be cut off mid-write.
@@ -488,14 +506,30 @@ impl Syncer {
                     }
                 }
             } else if let Origin::PerParent { path, .. } = stream_def.origin {
-                let ids: Vec<String> = kept
-                    .iter()
-                    .filter_map(|r| rows::record_id(r).map(str::to_owned))
-                    .collect();
+                let mut ids: Vec<String> = Vec::new();
+                for r in &kept {
+                    let Some(id) = rows::record_id(r) else { continue };
+                    let reread = sweep
+                        .as_ref()
+                        .is_none_or(|w| plan::sweep_rereads(r, w.from_ms, w.now_ms, w.overlap_ms, w.period_ms));
+                    if sweep.is_some() {
+                        let seen = serde_json::json!({ "id": id, "reread": reread });
+                        for s in batch.iter_mut().filter(|s| is_swept(s.table)) {
+                            s.push(&seen, None, &meta, hop)?;
+                        }
+                    }
+                    if reread {
+                        ids.push(id.to_owned());
+                    }
+                }
+                reread_in_window += ids.len();
                 let children = self.fetch_children(&client, path, stream_def, ids).await?;
                 for (parent, records) in &children {
                     for rec in records {
-                        for s in batch.iter_mut().filter(|s| !is_deletions(s.table)) {
+                        for s in batch
+                            .iter_mut()
+                            .filter(|s| !is_deletions(s.table) && !is_swept(s.table))
+                        {
                             s.push(rec, Some(parent), &meta, hop)?;
                         }
                     }
@@ -519,6 +553,9 @@ impl Syncer {
             cur.position = pos.token;
             if pos.done {
                 cur.phase = Phase::Finalizing;
+                break;
+            }
+            if reread_in_window >= crate::lever::PAGE_LIMIT as usize {
                 break;
             }
         }
@@ -680,7 +717,7 @@ impl Syncer {
             .run_id
             .clone()
             .ok_or_else(|| SyncError::Invariant("finalizing without a run".into()))?;
-        let staging = self.staging(stream, &run_id);
+        let staging = self.staging(stream, &run_id, cur.flags.sweep);
         let now = (self.clock)();
         // Staging exists from the first window on; if it is gone (expired, dropped) its rows are
         // lost, and replacing a table from it would delete what it held.
@@ -694,8 +731,9 @@ impl Syncer {
             staged_columns.insert(name.clone(), cols);
         }
         let mut counts = Vec::new();
-        for (t, name) in staging.iter().filter(|(t, _)| !is_deletions(t)) {
-            let replace = t.mode == SyncMode::FullRefresh || cur.flags.replace;
+        let swept = staging.iter().find(|(t, _)| is_swept(t)).map(|(_, n)| n.clone());
+        for (t, name) in staging.iter().filter(|(t, _)| !is_deletions(t) && !is_swept(t)) {
+            let replace = (t.mode == SyncMode::FullRefresh && swept.is_none()) || cur.flags.replace;
             let columns = self.columns(t);
             let n = self
                 .wh
@@ -744,9 +782,11 @@ impl Syncer {
                     }
                 }
             }
-            self.wh
-                .execute(&merge_sql(&self.wh, t, &merged, name, replace), &[])
-                .await?;
+            let sql = match &swept {
+                Some(parents) if !replace => sweep_merge_sql(&self.wh, t, &merged, name, parents),
+                _ => merge_sql(&self.wh, t, &merged, name, replace),
+            };
+            self.wh.execute(&sql, &[]).await?;
             counts.push(TableCount {
                 table: t.name.to_owned(),
                 rows,
@@ -802,9 +842,10 @@ impl Syncer {
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let mut done = SyncState::new(stream);
         done.flags.chain = cur.flags.chain.clone();
-        done.cursor_ms = match stream_def.mode {
-            SyncMode::Incremental => cur.run_started_ms,
-            SyncMode::FullRefresh => cur.cursor_ms,
+        done.cursor_ms = match (stream_def.mode, stream_def.origin) {
+            // A child table's cursor is where its next sweep starts looking for changes.
+            (SyncMode::Incremental, _) | (_, Origin::PerParent { .. }) => cur.run_started_ms,
+            (SyncMode::FullRefresh, _) => cur.cursor_ms,
         };
         if !self.store.save(&done, cur.version).await? {
             return Ok(WindowOutcome::Busy);
@@ -826,6 +867,18 @@ pub const NO_CONFIDENTIAL: &str = "lever_no_confidential_access";
 
 fn is_deletions(t: &TableDef) -> bool {
     std::ptr::eq(t, &catalog::DELETIONS) || t.name == catalog::DELETIONS.name
+}
+
+fn is_swept(t: &TableDef) -> bool {
+    t.name == catalog::SWEPT.name
+}
+
+/// The span a sweep run covers (see `plan::sweep_rereads`).
+struct Sweep {
+    from_ms: i64,
+    now_ms: i64,
+    overlap_ms: i64,
+    period_ms: i64,
 }
 
 /// The records inlined in `record` under `field` (expanded applications). Ids instead of
@@ -899,6 +952,51 @@ pub fn merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &st
          WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({insert_values}){delete}",
         target = wh.table_ref(t.name),
         stg = wh.table_ref(staging),
+        window = quote(WINDOW),
+    )
+}
+
+/// The MERGE of a sweep run of a child table: the latest copy of each staged row goes in, and
+/// the rows of re-read opportunities that were not staged again (deleted in Lever) and the rows
+/// of opportunities the walk no longer saw (deleted or out of scope) go. The rows to delete ride
+/// in the source as tombstones, so the whole change is one atomic statement.
+pub fn sweep_merge_sql(wh: &Warehouse, t: &TableDef, columns: &[&Column], staging: &str, swept: &str) -> String {
+    let Some(parent) = t.opportunity_column() else {
+        // Only per-opportunity tables are swept; anything else keeps the plain merge.
+        return merge_sql(wh, t, columns, staging, false);
+    };
+    let names: Vec<String> = columns
+        .iter()
+        .map(|c| c.name)
+        .chain([catalog::SYNCED_AT, catalog::RUN_ID])
+        .map(quote)
+        .collect();
+    let key = quote(t.key);
+    let parent = quote(parent);
+    let set = names
+        .iter()
+        .filter(|n| **n != key)
+        .map(|n| format!("{n} = S.{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cols = names.join(", ");
+    let insert_values = names.iter().map(|n| format!("S.{n}")).collect::<Vec<_>>().join(", ");
+    let r_cols = names.iter().map(|n| format!("R.{n}")).collect::<Vec<_>>().join(", ");
+    let tomb_cols = names
+        .iter()
+        .map(|n| {
+            if *n == key {
+                format!("D.{n}")
+            } else {
+                format!("NULL AS {n}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let erased = wh.table_ref(schema::ERASED_TABLE);
+    let (target, stg, swept) = (wh.table_ref(t.name), wh.table_ref(staging), wh.table_ref(swept));
+    format!(
+        "MERGE {target} T USING (         SELECT {r_cols}, FALSE AS _drop FROM {stg} R          WHERE NOT EXISTS (SELECT 1 FROM {erased} E WHERE E.kind = 'opportunity' AND E.id = R.{parent})          QUALIFY ROW_NUMBER() OVER (PARTITION BY R.{key} ORDER BY R.{window} DESC) = 1          UNION ALL SELECT {tomb_cols}, TRUE AS _drop FROM {target} D          WHERE NOT EXISTS (SELECT 1 FROM {stg} R2 WHERE R2.{key} = D.{key})          AND (NOT EXISTS (SELECT 1 FROM {swept} P WHERE P.id = D.{parent})          OR EXISTS (SELECT 1 FROM {swept} P WHERE P.id = D.{parent} AND P.reread))         ) S ON T.{key} = S.{key}          WHEN MATCHED AND S._drop THEN DELETE          WHEN MATCHED THEN UPDATE SET {set}          WHEN NOT MATCHED AND NOT S._drop THEN INSERT ({cols}) VALUES ({insert_values})",
         window = quote(WINDOW),
     )
 }

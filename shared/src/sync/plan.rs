@@ -118,6 +118,36 @@ pub fn keep(q: &Query, record: &Value) -> bool {
     !q.legacy_only || record.get("updatedAt").is_none_or(Value::is_null)
 }
 
+/// Whether a sweep run re-reads the children of `parent` (an opportunity from the walk): it
+/// changed since the last run began (`from_ms`, less the overlap), or its turn in the rotation
+/// came between then and now.
+pub fn sweep_rereads(parent: &Value, from_ms: i64, now_ms: i64, overlap_ms: i64, period_ms: i64) -> bool {
+    let changed = parent
+        .get("updatedAt")
+        .and_then(Value::as_i64)
+        .is_some_and(|u| u >= from_ms - overlap_ms);
+    changed
+        || parent
+            .get("id")
+            .and_then(Value::as_str)
+            .is_some_and(|id| sweep_due(id, from_ms, now_ms, period_ms))
+}
+
+/// Each id has a fixed time of the period (a hash of the id); it is due in a run whose span
+/// since the last run holds that time. Spans of successive runs leave no gap, so every id comes
+/// round once per period however often runs happen, and the work spreads evenly over runs.
+pub fn sweep_due(id: &str, from_ms: i64, now_ms: i64, period_ms: i64) -> bool {
+    if period_ms <= 0 || now_ms - from_ms >= period_ms {
+        return true;
+    }
+    // FNV-1a: stable across builds and platforms, unlike the standard library's hasher.
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let slot = (hash % period_ms as u64) as i64;
+    (slot - from_ms).rem_euclid(period_ms) < now_ms - from_ms
+}
+
 /// Where the walk stands after a page: the same query's next page, the next query, or the end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -210,6 +240,54 @@ mod tests {
         assert!(keep(&q, &json!({"id": "a", "updatedAt": null})));
         assert!(keep(&q, &json!({"id": "a"})));
         assert!(!keep(&q, &json!({"id": "a", "updatedAt": 5})));
+    }
+
+    #[test]
+    fn a_sweep_reaches_every_id_once_per_period_whatever_the_run_times() {
+        let period = 7 * 86_400_000;
+        let ids: Vec<String> = (0..2000).map(|i| format!("opp-{i}")).collect();
+        // Irregular runs: every 40 to 100 minutes, for two periods.
+        let mut t = START;
+        let mut last_seen = std::collections::HashMap::new();
+        let mut per_run = Vec::new();
+        let mut step = 0;
+        while t < START + 2 * period {
+            step += 1;
+            let next = t + (40 + (step * 37) % 61) * 60_000;
+            let due: Vec<&String> = ids.iter().filter(|id| sweep_due(id, t, next, period)).collect();
+            per_run.push(due.len());
+            for id in due {
+                if let Some(prev) = last_seen.insert(id.clone(), next) {
+                    assert!(next - prev <= period + 100 * 60_000, "{id} waited more than a period");
+                }
+            }
+            t = next;
+        }
+        assert_eq!(last_seen.len(), ids.len(), "every id came round");
+        let avg = per_run.iter().sum::<usize>() as f64 / per_run.len() as f64;
+        assert!(
+            avg < 2000.0 * 0.02,
+            "a run re-reads a small slice, not everything: {avg}"
+        );
+        assert!(
+            sweep_due("x", START, START + period, period),
+            "a period without runs re-reads all"
+        );
+    }
+
+    #[test]
+    fn a_sweep_rereads_what_changed_since_the_last_run() {
+        let (from, now, period) = (NOW - 3_600_000, NOW, 7 * 86_400_000);
+        let changed = json!({"id": "a", "updatedAt": from - 1000});
+        assert!(
+            sweep_rereads(&changed, from, now, 300_000, period),
+            "within the overlap"
+        );
+        let old = json!({"id": "a", "updatedAt": from - 400_000});
+        assert_eq!(
+            sweep_rereads(&old, from, now, 300_000, period),
+            sweep_due("a", from, now, period)
+        );
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct RunFlags {
     /// not start another run.
     #[serde(default)]
     pub chain: Option<String>,
+    /// This run of a child table is a sweep: it re-reads the children of changed opportunities
+    /// and of a rotating slice of the others (see `ChildSync::Sweep`).
+    #[serde(default)]
+    pub sweep: bool,
     /// A token unique to one write of the row: after a lost answer, finding our own token is
     /// how a retried write knows it had succeeded (two writers never share one).
     #[serde(default)]
