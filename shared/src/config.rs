@@ -66,9 +66,10 @@ pub struct RawBigQuery {
     pub dataset: Option<String>,
     pub location: Option<String>,
     pub api_url: Option<String>,
-    /// Path of a service-account key file.
+    /// Path of a Google credentials file: a service-account key, or an `external_account`
+    /// configuration (workload identity federation from AWS).
     pub credentials_file: Option<String>,
-    /// A service-account key as JSON text (as kept in a secret store).
+    /// The same as JSON text (as kept in a secret store).
     pub credentials_json: Option<String>,
     /// Use the placeholder token of the local emulator (only with a loopback `api_url`).
     pub emulator: Option<bool>,
@@ -515,7 +516,7 @@ impl RawConfig {
                 Credentials::ServiceAccountJson(b.credentials_json.clone().unwrap_or_default())
             }
             (false, None) => return Err(bad(
-                "no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE or BIGQUERY_CREDENTIALS_JSON (a service-account key) or use the emulator",
+                "no BigQuery credentials: set BIGQUERY_CREDENTIALS_FILE or BIGQUERY_CREDENTIALS_JSON (a service-account key or an external_account configuration) or use the emulator",
             )),
         };
         let warehouse = WarehouseConfig {

@@ -6,6 +6,7 @@
 //! in its endpoint and token (see `auth`).
 
 pub mod auth;
+pub mod federation;
 pub mod schema;
 
 use gcp_bigquery_client::error::BQError;
