@@ -64,10 +64,18 @@ lint: venv
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/python scripts/lint_template.py
 
-# The Lambda zips (arm64). Needs cargo-lambda (`cargo install cargo-lambda`) and zig
-# (`pip install ziglang`) for the cross-build.
-build:
-	cargo lambda build --release --arm64 -p sync-table -p dispatch
+# The Lambda functions for arm64, in target/lambda/<function>/bootstrap (the template's
+# CodeUri; sam deploy zips them). cargo-lambda and zig for the cross-build come from PyPI.
+BUILD_STAMP := $(VENV)/.build-tools
+$(BUILD_STAMP): requirements-build.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-build.txt
+	rustup target add aarch64-unknown-linux-gnu
+	touch $(BUILD_STAMP)
+
+build: $(BUILD_STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 -p sync-table -p dispatch
+	@ls -l target/lambda/*/bootstrap
 
 # First time: make deploy DEPLOY_ARGS=--guided (asks for the parameters and saves them).
 STACK ?= lever-sync
