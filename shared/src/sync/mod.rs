@@ -41,19 +41,47 @@ pub enum Checkpoint {
     AfterLoad,
     /// Position saved (the caller would now start the next window).
     AfterSave,
+    /// One target merged, the others of the stream not yet (finalize cut off half way).
+    AfterTableMerge,
     /// Targets merged, state not yet advanced.
     AfterMerge,
+    /// Run recorded as succeeded in the history, state not yet advanced.
+    AfterRunRecorded,
     /// Run recorded and state advanced, staging not yet dropped.
     AfterFinalizeState,
 }
 
 impl Checkpoint {
+    /// Every checkpoint, in the order a run passes them.
+    pub const ALL: [Checkpoint; 7] = [
+        Checkpoint::AfterFetch,
+        Checkpoint::AfterLoad,
+        Checkpoint::AfterSave,
+        Checkpoint::AfterTableMerge,
+        Checkpoint::AfterMerge,
+        Checkpoint::AfterRunRecorded,
+        Checkpoint::AfterFinalizeState,
+    ];
+
+    /// Whether the checkpoint lies in the last window, which finalizes the run.
+    pub fn in_finalize(self) -> bool {
+        matches!(
+            self,
+            Checkpoint::AfterTableMerge
+                | Checkpoint::AfterMerge
+                | Checkpoint::AfterRunRecorded
+                | Checkpoint::AfterFinalizeState
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Checkpoint::AfterFetch => "after-fetch",
             Checkpoint::AfterLoad => "after-load",
             Checkpoint::AfterSave => "after-save",
+            Checkpoint::AfterTableMerge => "after-table-merge",
             Checkpoint::AfterMerge => "after-merge",
+            Checkpoint::AfterRunRecorded => "after-run-recorded",
             Checkpoint::AfterFinalizeState => "after-finalize-state",
         }
     }
@@ -751,6 +779,7 @@ impl Syncer {
                 table: t.name.to_owned(),
                 rows,
             });
+            self.checkpoint(stream, Checkpoint::AfterTableMerge, cur.hop)?;
         }
         if let Some((_, deletions)) = staging.iter().find(|(t, _)| is_deletions(t)) {
             for t in self
@@ -788,6 +817,7 @@ impl Syncer {
                 })
                 .await?;
         }
+        self.checkpoint(stream, Checkpoint::AfterRunRecorded, cur.hop)?;
         let summary = RunSummary {
             stream: stream.to_owned(),
             run_id: run_id.clone(),
