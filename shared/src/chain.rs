@@ -249,8 +249,10 @@ impl ConsoleEvent {
     }
 }
 
+/// A new chain's id. It carries the time it was made, so that a late first event of an earlier
+/// chain is recognised as such (`sync::chain_made_ms`) and starts no run.
 fn new_chain_id() -> String {
-    format!("chain-{}", uuid::Uuid::new_v4().simple())
+    format!("chain-{}-{}", now_ms(), uuid::Uuid::new_v4().simple())
 }
 
 /// Starts a chain for each stream that has none running, and resumes those whose chain died

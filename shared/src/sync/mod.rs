@@ -173,6 +173,13 @@ fn segment(id: &str) -> String {
         .collect()
 }
 
+/// When a chain was made, read from its id (`chain-<epoch ms>-<uuid>`, see `chain`); `None`
+/// for other lease owners (the command line, tests) and for ids without a time.
+pub fn chain_made_ms(owner: &str) -> Option<i64> {
+    let (ms, _) = owner.strip_prefix("chain-")?.split_once('-')?;
+    ms.parse().ok()
+}
+
 fn new_run_id(now_ms: i64) -> String {
     let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now_ms).unwrap_or_default();
     format!(
@@ -231,6 +238,7 @@ impl Syncer {
         next.cursor_ms = st.cursor_ms;
         next.flags.replace = st.flags.replace;
         next.flags.chain = st.flags.chain.clone();
+        next.flags.stale_before_ms = st.flags.stale_before_ms;
         next.last_error = Some(format!("{code}: {message}"));
         if !self.store.save(&next, st.version).await? {
             return Err(SyncError::Invariant(format!("{stream} changed while ending its run")));
@@ -330,9 +338,15 @@ impl Syncer {
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let st = self.store.load(stream).await?;
         if let Some(h) = expected_hop {
-            // A first event starts a run unless it is a late copy of the one that started the last.
-            let fresh_start =
-                st.phase == Phase::Idle && h == 0 && st.flags.chain.as_deref() != Some(self.owner.as_str());
+            // A first event starts a run unless it is a late copy of the one that started the
+            // last run, or of a chain made before that run started (a run before the last).
+            let earlier_chain = chain_made_ms(&self.owner)
+                .zip(st.flags.stale_before_ms)
+                .is_some_and(|(made, stale_before)| made < stale_before);
+            let fresh_start = st.phase == Phase::Idle
+                && h == 0
+                && st.flags.chain.as_deref() != Some(self.owner.as_str())
+                && !earlier_chain;
             if !fresh_start && (st.phase == Phase::Idle || st.hop != h) {
                 return Ok(WindowOutcome::Stale);
             }
@@ -363,6 +377,7 @@ impl Syncer {
             cur.retries = 0;
             cur.last_error = None;
             cur.flags.chain = Some(self.owner.clone());
+            cur.flags.stale_before_ms = Some(now);
         }
         if !self.store.save(&cur, st.version).await? {
             return Ok(WindowOutcome::Busy);
@@ -832,6 +847,7 @@ impl Syncer {
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let mut done = SyncState::new(stream);
         done.flags.chain = cur.flags.chain.clone();
+        done.flags.stale_before_ms = cur.flags.stale_before_ms;
         done.cursor_ms = match stream_def.mode {
             SyncMode::Incremental => cur.run_started_ms,
             SyncMode::FullRefresh => cur.cursor_ms,
@@ -972,6 +988,14 @@ mod tests {
         assert_eq!(inline_records(&rec, "applications", "applications").unwrap().len(), 1);
         let ids = json!({"id": "o", "applications": ["a"]});
         assert!(inline_records(&ids, "applications", "applications").is_err());
+    }
+
+    #[test]
+    fn chain_ids_tell_when_the_chain_was_made() {
+        assert_eq!(chain_made_ms("chain-1700000000000-0123abcd"), Some(1_700_000_000_000));
+        assert_eq!(chain_made_ms("chain-0123abcdef"), None);
+        assert_eq!(chain_made_ms("dispatch"), None);
+        assert_eq!(chain_made_ms("chain-x-y"), None);
     }
 
     #[test]
