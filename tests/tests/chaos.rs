@@ -253,14 +253,28 @@ async fn run_family(family: &str, matrix: Vec<Scenario>) {
         "chaos {family}: seed {seed} (replay with CHAOS_SEED={seed}), {} of {total} scenarios",
         chosen.len()
     );
+    let mut failed = Vec::new();
     for (i, s) in chosen {
         // Each scenario's choices depend on the seed and its place in the matrix only.
         let scenario_seed = Rng::new(seed.wrapping_add(i as u64 * 7919)).next_u64();
         let started = Instant::now();
         println!("chaos {}: start (scenario seed {scenario_seed})", s.name);
-        run_scenario(&s, scenario_seed).await;
-        println!("chaos {}: ok in {:.1}s", s.name, started.elapsed().as_secs_f64());
+        // A failed scenario is reported and the family goes on, so one run shows every failure.
+        let name = s.name.clone();
+        let outcome = tokio::spawn(async move { run_scenario(&s, scenario_seed).await }).await;
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => println!("chaos {name}: ok in {secs:.1}s"),
+            Err(_) => {
+                println!("chaos {name}: FAILED after {secs:.1}s");
+                failed.push(name);
+            }
+        }
     }
+    assert!(
+        failed.is_empty(),
+        "chaos {family}: failed scenarios {failed:?}; replay with CHAOS_SEED={seed} CHAOS_ONLY=<name>"
+    );
 }
 
 struct Env {
