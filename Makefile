@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 DEMO_OPPORTUNITIES ?= 100
 DEMO_START_DATE ?= 2020-01-01
 
-.PHONY: help venv build-local demo test test-unit lint fmt clean build deploy bench
+.PHONY: help venv build-local demo test test-unit chaos lint fmt clean build deploy bench
 
 help:
 	@echo "make demo   - sync the simulator's Lever account into a local BigQuery emulator and show what landed"
 	@echo "make test   - unit and end-to-end tests (starts the emulator itself)"
+	@echo "make chaos  - the whole fault-injection matrix (make test runs one seeded scenario per family)"
 	@echo "make bench  - a 5,000-opportunity account synced twice (full, then incremental): requests, rate, memory"
 	@echo "make lint   - formatting, clippy, and the template through cfn-lint and checkov"
 	@echo "make build  - the Lambda zips (cargo lambda, arm64); make deploy - sam deploy"
@@ -55,6 +56,15 @@ test: venv lint
 	eval "export $$(scripts/services.sh start-bq)"; \
 	eval "export $$(scripts/services.sh start-moto)"; \
 	cargo test --workspace --all-targets
+
+# Every scenario of the fault-injection suite (tests/tests/chaos.rs); CHAOS_SEED=<n> replays a
+# run's choices, CHAOS_ONLY=<text> keeps the scenarios whose name contains the text.
+chaos: venv
+	@trap 'scripts/services.sh stop' EXIT; \
+	set -e; \
+	eval "export $$(scripts/services.sh start-bq)"; \
+	eval "export $$(scripts/services.sh start-moto)"; \
+	CHAOS_FULL=1 cargo test -p lever-sim --test chaos -- --nocapture
 
 test-unit:
 	cargo test --workspace --lib --bins

@@ -195,6 +195,38 @@ pub async fn step(app: &ChainApp, event: &ChainEvent, deadline_ms: Option<i64>) 
     }
 }
 
+/// The `sync-table` handler: one step and its one log line (table, hop, outcome or error code;
+/// never record contents). The Lambda and the tests' local invoke endpoint both run this.
+pub async fn handle_step(
+    app: &ChainApp,
+    event: &ChainEvent,
+    deadline_ms: Option<i64>,
+) -> Result<StepOutcome, SyncError> {
+    let started = std::time::Instant::now();
+    let result = step(app, event, deadline_ms).await;
+    match &result {
+        Ok(outcome) => tracing::info!(
+            table = %event.table,
+            chain = %event.chain,
+            hop = event.hop,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome = ?outcome,
+            "step"
+        ),
+        Err(e) => tracing::error!(table = %event.table, hop = event.hop, error_code = e.code(), "{e}"),
+    }
+    result
+}
+
+/// The `dispatch` handler: `dispatch`, with a log line when it fails.
+pub async fn handle_dispatch(app: &ChainApp, event: &Value) -> Result<Value, SyncError> {
+    let result = dispatch(app, event).await;
+    if let Err(e) = &result {
+        tracing::error!(error_code = e.code(), "{e}");
+    }
+    result
+}
+
 /// What an operator (or the schedule) asks of `dispatch`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
@@ -230,8 +262,10 @@ impl ConsoleEvent {
     }
 }
 
+/// A new chain's id. It carries the time it was made, so that a late first event of an earlier
+/// chain is recognised as such (`sync::chain_made_ms`) and starts no run.
 fn new_chain_id() -> String {
-    format!("chain-{}", uuid::Uuid::new_v4().simple())
+    format!("chain-{}-{}", now_ms(), uuid::Uuid::new_v4().simple())
 }
 
 /// Starts a chain for each stream that has none running, and resumes those whose chain died

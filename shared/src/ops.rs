@@ -252,6 +252,8 @@ pub async fn reset(s: &Syncer, table: &str) -> Result<(), SyncError> {
     let st = s.store().load(stream).await?;
     let mut next = SyncState::new(stream);
     next.flags.replace = true;
+    // Chains made before the reset are stale: only one started after it may begin the new run.
+    next.flags.stale_before_ms = Some(now_ms());
     if !s.store().save(&next, st.version).await? {
         return Err(SyncError::Invariant(format!(
             "{stream} changed while resetting; run reset again"

@@ -1,8 +1,10 @@
 //! A local stand-in for the Lambda invoke API on 127.0.0.1: the SDK's async invokes land here
-//! and each one runs the `sync-table` step in-process, as Lambda would run the function. It can
-//! deliver every event twice, retries a failed invocation twice (Lambda's default for async
-//! invokes), and records every event it saw.
+//! and each one runs the `sync-table` handler in-process, as Lambda would run the function. It
+//! retries a failed invocation twice (Lambda's default for async invokes), records every event
+//! it saw, and can misdeliver as AWS may: every event twice, copies late and out of order (a
+//! seeded delay before each runs), chosen events never, and any event again later.
 
+use crate::chaos::Rng;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -18,6 +20,19 @@ use std::time::Duration;
 /// Async-invoke retries after a function error (Lambda's default).
 const RETRIES: u32 = 2;
 
+/// How events are misdelivered; every choice comes from `seed`.
+#[derive(Debug, Clone, Default)]
+pub struct Delivery {
+    /// Every event is delivered twice.
+    pub duplicate: bool,
+    /// Each copy waits a seeded time up to this before it runs, so a copy can run after the
+    /// event that follows it, and chains of different tables interleave differently.
+    pub max_delay: Duration,
+    /// Received events (numbered from 0 in arrival order) that are accepted and never run.
+    pub drop: Vec<usize>,
+    pub seed: u64,
+}
+
 #[derive(Default)]
 pub struct Recorder {
     /// Every event received, in order.
@@ -26,6 +41,10 @@ pub struct Recorder {
     pub outcomes: Mutex<Vec<(ChainEvent, Result<StepOutcome, String>)>>,
     in_flight: AtomicUsize,
     pub duplicate: AtomicBool,
+    delivery: Mutex<Option<(Delivery, Rng)>>,
+    received: AtomicUsize,
+    /// Events accepted and never run.
+    pub dropped: Mutex<Vec<ChainEvent>>,
 }
 
 #[derive(Clone)]
@@ -83,6 +102,24 @@ impl LocalLambda {
         panic!("the chains did not settle within {limit:?}");
     }
 
+    /// Misdeliver from now on as `d` says.
+    pub fn misdeliver(&self, d: Delivery) {
+        let rng = Rng::new(d.seed);
+        *self.recorder.delivery.lock().unwrap_or_else(|p| p.into_inner()) = Some((d, rng));
+    }
+
+    /// Delivers `event` now, as a late copy from AWS would arrive (retries included).
+    pub fn deliver(&self, event: ChainEvent) {
+        let app = self.app.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(app) = app {
+            run(app, event, self.recorder.clone(), Duration::ZERO);
+        }
+    }
+
+    pub fn dropped(&self) -> Vec<ChainEvent> {
+        self.recorder.dropped.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn events(&self) -> Vec<ChainEvent> {
         self.recorder.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -100,40 +137,38 @@ async fn invoke(State(ctx): State<Ctx>, Path(_name): Path<String>, body: Bytes) 
     let Some(app) = ctx.app.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no function").into_response();
     };
-    let copies = if ctx.recorder.duplicate.load(Ordering::SeqCst) {
-        2
-    } else {
-        1
+    let n = ctx.recorder.received.fetch_add(1, Ordering::SeqCst);
+    let (delays, dropped) = {
+        let mut guard = ctx.recorder.delivery.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some((d, rng)) => {
+                let copies = if d.duplicate { 2 } else { 1 };
+                let max = d.max_delay.as_millis() as u64;
+                let delays: Vec<Duration> = (0..copies)
+                    .map(|_| Duration::from_millis(if max == 0 { 0 } else { rng.below(max + 1) }))
+                    .collect();
+                (delays, d.drop.contains(&n))
+            }
+            None => {
+                let copies = if ctx.recorder.duplicate.load(Ordering::SeqCst) {
+                    2
+                } else {
+                    1
+                };
+                (vec![Duration::ZERO; copies], false)
+            }
+        }
     };
-    for _ in 0..copies {
+    if dropped {
         ctx.recorder
-            .events
+            .dropped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(event.clone());
-        ctx.recorder.in_flight.fetch_add(1, Ordering::SeqCst);
-        let (app, event, recorder) = (app.clone(), event.clone(), ctx.recorder.clone());
-        tokio::spawn(async move {
-            let mut attempt = 0;
-            loop {
-                let deadline = chrono::Utc::now().timestamp_millis() + 900_000;
-                let result = chain::step(&app, &event, Some(deadline))
-                    .await
-                    .map_err(|e| format!("{}: {e}", e.code()));
-                let failed = result.is_err();
-                recorder
-                    .outcomes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((event.clone(), result));
-                if !failed || attempt >= RETRIES {
-                    break;
-                }
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            recorder.in_flight.fetch_sub(1, Ordering::SeqCst);
-        });
+            .push(event);
+    } else {
+        for delay in delays {
+            run(app.clone(), event.clone(), ctx.recorder.clone(), delay);
+        }
     }
     // Async invokes answer 202 Accepted with an empty body.
     (
@@ -142,4 +177,36 @@ async fn invoke(State(ctx): State<Ctx>, Path(_name): Path<String>, body: Bytes) 
         Value::Null.to_string(),
     )
         .into_response()
+}
+
+/// Runs one delivered copy of an event after `delay`, with Lambda's retries on failure.
+fn run(app: ChainApp, event: ChainEvent, recorder: Arc<Recorder>, delay: Duration) {
+    recorder
+        .events
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(event.clone());
+    recorder.in_flight.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let mut attempt = 0;
+        loop {
+            let deadline = chrono::Utc::now().timestamp_millis() + 900_000;
+            let result = chain::handle_step(&app, &event, Some(deadline))
+                .await
+                .map_err(|e| format!("{}: {e}", e.code()));
+            let failed = result.is_err();
+            recorder
+                .outcomes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((event.clone(), result));
+            if !failed || attempt >= RETRIES {
+                break;
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        recorder.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
 }

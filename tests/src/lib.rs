@@ -2,6 +2,7 @@
 //! end-to-end harness (`harness`: the BigQuery emulator, configs, reading tables back).
 
 pub mod bqproxy;
+pub mod chaos;
 pub mod harness;
 pub mod lambda;
 pub mod server;

@@ -74,6 +74,9 @@ pub enum FaultKind {
     InvalidOffset,
     /// Wait this long before answering normally.
     Delay(Duration),
+    /// On a child list: the opportunity is deleted just before the request arrives, so Lever
+    /// answers 404 for it (a parent listed earlier in the walk that vanished since).
+    VanishParent,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +183,11 @@ impl Simulator {
             times,
             skip,
         });
+    }
+
+    /// Injected faults not yet served in full.
+    pub fn pending_faults(&self) -> usize {
+        lock(&self.shared.faults).len()
     }
 
     pub fn clear_faults(&self) {
@@ -529,6 +537,9 @@ async fn list_children(
         Gate::Reply(r) => return r,
         Gate::Pass(f) => f,
     };
+    if fault == Some(FaultKind::VanishParent) {
+        lock(&s.world).delete_opportunity(&id);
+    }
     let (exists, records) = {
         let w = lock(&s.world);
         (

@@ -294,3 +294,43 @@ async fn the_functions_read_their_secrets_from_secrets_manager() {
     let err = chain::lambda_config(&env, &secrets, now).await.unwrap_err().to_string();
     assert!(err.contains("no-such-secret") && !err.contains(&key), "{err}");
 }
+
+/// Lambda may deliver an event again hours later. A late copy of the first event of a chain
+/// whose run has long finished, after another chain's run, must not start a run of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_first_event_of_an_earlier_run_starts_no_run() {
+    let sim = paged_sim(10).await;
+    let mut setup = Setup::new(&sim, "chain_late");
+    setup.raw.lever.tables = Some(vec!["users".into()]);
+    let lambda = LocalLambda::start().await.unwrap();
+    let app = chain_app(&setup, &lambda, None, ChainLimits::default()).await;
+    let first_event = |from: usize| lambda.events()[from..].iter().find(|e| e.hop == 0).cloned().unwrap();
+    chain::dispatch(&app, &json!({"action": "tick"})).await.unwrap();
+    lambda.settle(SETTLE).await;
+    let first = first_event(0);
+    // A second run by a second chain, then the first run's first event again.
+    let n = lambda.events().len();
+    chain::dispatch(&app, &json!({"action": "tick"})).await.unwrap();
+    lambda.settle(SETTLE).await;
+    let second = first_event(n);
+    assert_ne!(first.chain, second.chain);
+    // Likewise after a full refresh: chains made before it are earlier chains.
+    chain::dispatch(&app, &json!({"action": "full_refresh", "table": "users"}))
+        .await
+        .unwrap();
+    lambda.settle(SETTLE).await;
+    let before = lambda.outcomes().len();
+    for late in [first, second] {
+        lambda.deliver(late);
+        lambda.settle(SETTLE).await;
+    }
+    let late = &lambda.outcomes()[before..];
+    assert_eq!(late.len(), 2);
+    assert!(
+        late.iter().all(|(_, r)| matches!(r, Ok(StepOutcome::Stale))),
+        "a late first event did work: {late:?}"
+    );
+    let runs = app.syncer.store().recent_runs(100).await.unwrap();
+    assert_eq!(runs.rows.len(), 3, "three runs were asked for, and no more ran");
+    assert_dataset_matches(&app.syncer, &sim, &["users"]).await;
+}

@@ -12,13 +12,9 @@ async fn main() -> Result<(), Error> {
     lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
         let app = app.clone();
         async move {
-            match lever_sync::chain::dispatch(&app, &event.payload).await {
-                Ok(answer) => Ok::<Value, Error>(answer),
-                Err(e) => {
-                    tracing::error!(error_code = e.code(), "{e}");
-                    Err(format!("{}: {e}", e.code()).into())
-                }
-            }
+            lever_sync::chain::handle_dispatch(&app, &event.payload)
+                .await
+                .map_err(|e| Error::from(format!("{}: {e}", e.code())))
         }
     }))
     .await

@@ -18,18 +18,10 @@ async fn main() -> Result<(), Error> {
                 tracing::error!(error_code = "event_invalid", "not a chain event: {e}");
                 format!("not a chain event ({e}): expected {{\"table\": \"notes\", \"chain\": \"…\", \"hop\": 0}}")
             })?;
-            let started = std::time::Instant::now();
-            match chain::step(&app, &chain_event, Some(deadline)).await {
-                Ok(outcome) => {
-                    tracing::info!(table = %chain_event.table, chain = %chain_event.chain, hop = chain_event.hop,
-                        duration_ms = started.elapsed().as_millis() as u64, outcome = ?outcome, "step");
-                    Ok::<Value, Error>(json!(outcome))
-                }
-                Err(e) => {
-                    tracing::error!(table = %chain_event.table, hop = chain_event.hop, error_code = e.code(), "{e}");
-                    Err(format!("{}: {e}", e.code()).into())
-                }
-            }
+            chain::handle_step(&app, &chain_event, Some(deadline))
+                .await
+                .map(|outcome| json!(outcome))
+                .map_err(|e| Error::from(format!("{}: {e}", e.code())))
         }
     }))
     .await

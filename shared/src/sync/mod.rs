@@ -41,19 +41,47 @@ pub enum Checkpoint {
     AfterLoad,
     /// Position saved (the caller would now start the next window).
     AfterSave,
+    /// One target merged, the others of the stream not yet (finalize cut off half way).
+    AfterTableMerge,
     /// Targets merged, state not yet advanced.
     AfterMerge,
+    /// Run recorded as succeeded in the history, state not yet advanced.
+    AfterRunRecorded,
     /// Run recorded and state advanced, staging not yet dropped.
     AfterFinalizeState,
 }
 
 impl Checkpoint {
+    /// Every checkpoint, in the order a run passes them.
+    pub const ALL: [Checkpoint; 7] = [
+        Checkpoint::AfterFetch,
+        Checkpoint::AfterLoad,
+        Checkpoint::AfterSave,
+        Checkpoint::AfterTableMerge,
+        Checkpoint::AfterMerge,
+        Checkpoint::AfterRunRecorded,
+        Checkpoint::AfterFinalizeState,
+    ];
+
+    /// Whether the checkpoint lies in the last window, which finalizes the run.
+    pub fn in_finalize(self) -> bool {
+        matches!(
+            self,
+            Checkpoint::AfterTableMerge
+                | Checkpoint::AfterMerge
+                | Checkpoint::AfterRunRecorded
+                | Checkpoint::AfterFinalizeState
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Checkpoint::AfterFetch => "after-fetch",
             Checkpoint::AfterLoad => "after-load",
             Checkpoint::AfterSave => "after-save",
+            Checkpoint::AfterTableMerge => "after-table-merge",
             Checkpoint::AfterMerge => "after-merge",
+            Checkpoint::AfterRunRecorded => "after-run-recorded",
             Checkpoint::AfterFinalizeState => "after-finalize-state",
         }
     }
@@ -145,6 +173,13 @@ fn segment(id: &str) -> String {
         .collect()
 }
 
+/// When a chain was made, read from its id (`chain-<epoch ms>-<uuid>`, see `chain`); `None`
+/// for other lease owners (the command line, tests) and for ids without a time.
+pub fn chain_made_ms(owner: &str) -> Option<i64> {
+    let (ms, _) = owner.strip_prefix("chain-")?.split_once('-')?;
+    ms.parse().ok()
+}
+
 fn new_run_id(now_ms: i64) -> String {
     let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now_ms).unwrap_or_default();
     format!(
@@ -203,6 +238,7 @@ impl Syncer {
         next.cursor_ms = st.cursor_ms;
         next.flags.replace = st.flags.replace;
         next.flags.chain = st.flags.chain.clone();
+        next.flags.stale_before_ms = st.flags.stale_before_ms;
         next.last_error = Some(format!("{code}: {message}"));
         if !self.store.save(&next, st.version).await? {
             return Err(SyncError::Invariant(format!("{stream} changed while ending its run")));
@@ -302,9 +338,15 @@ impl Syncer {
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let st = self.store.load(stream).await?;
         if let Some(h) = expected_hop {
-            // A first event starts a run unless it is a late copy of the one that started the last.
-            let fresh_start =
-                st.phase == Phase::Idle && h == 0 && st.flags.chain.as_deref() != Some(self.owner.as_str());
+            // A first event starts a run unless it is a late copy of the one that started the
+            // last run, or of a chain made before that run started (a run before the last).
+            let earlier_chain = chain_made_ms(&self.owner)
+                .zip(st.flags.stale_before_ms)
+                .is_some_and(|(made, stale_before)| made < stale_before);
+            let fresh_start = st.phase == Phase::Idle
+                && h == 0
+                && st.flags.chain.as_deref() != Some(self.owner.as_str())
+                && !earlier_chain;
             if !fresh_start && (st.phase == Phase::Idle || st.hop != h) {
                 return Ok(WindowOutcome::Stale);
             }
@@ -340,6 +382,7 @@ impl Syncer {
                 && matches!(stream_def.origin, Origin::PerParent { .. })
                 && st.cursor_ms.is_some()
                 && !st.flags.replace;
+            cur.flags.stale_before_ms = Some(now);
         }
         if !self.store.save(&cur, st.version).await? {
             return Ok(WindowOutcome::Busy);
@@ -791,6 +834,7 @@ impl Syncer {
                 table: t.name.to_owned(),
                 rows,
             });
+            self.checkpoint(stream, Checkpoint::AfterTableMerge, cur.hop)?;
         }
         if let Some((_, deletions)) = staging.iter().find(|(t, _)| is_deletions(t)) {
             for t in self
@@ -828,6 +872,7 @@ impl Syncer {
                 })
                 .await?;
         }
+        self.checkpoint(stream, Checkpoint::AfterRunRecorded, cur.hop)?;
         let summary = RunSummary {
             stream: stream.to_owned(),
             run_id: run_id.clone(),
@@ -842,6 +887,7 @@ impl Syncer {
             catalog::table(stream).ok_or_else(|| SyncError::Invariant(format!("unknown stream {stream}")))?;
         let mut done = SyncState::new(stream);
         done.flags.chain = cur.flags.chain.clone();
+        done.flags.stale_before_ms = cur.flags.stale_before_ms;
         done.cursor_ms = match (stream_def.mode, stream_def.origin) {
             // A child table's cursor is where its next sweep starts looking for changes.
             (SyncMode::Incremental, _) | (_, Origin::PerParent { .. }) => cur.run_started_ms,
@@ -1040,6 +1086,14 @@ mod tests {
         assert_eq!(inline_records(&rec, "applications", "applications").unwrap().len(), 1);
         let ids = json!({"id": "o", "applications": ["a"]});
         assert!(inline_records(&ids, "applications", "applications").is_err());
+    }
+
+    #[test]
+    fn chain_ids_tell_when_the_chain_was_made() {
+        assert_eq!(chain_made_ms("chain-1700000000000-0123abcd"), Some(1_700_000_000_000));
+        assert_eq!(chain_made_ms("chain-0123abcdef"), None);
+        assert_eq!(chain_made_ms("dispatch"), None);
+        assert_eq!(chain_made_ms("chain-x-y"), None);
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct RunFlags {
     /// and of a rotating slice of the others (see `ChildSync::Sweep`).
     #[serde(default)]
     pub sweep: bool,
+    /// A chain made before this time (epoch ms) is an earlier one: its late first event must not
+    /// start a run either. Set when a run starts and by a reset.
+    #[serde(default)]
+    pub stale_before_ms: Option<i64>,
     /// A token unique to one write of the row: after a lost answer, finding our own token is
     /// how a retried write knows it had succeeded (two writers never share one).
     #[serde(default)]
