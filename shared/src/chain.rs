@@ -11,6 +11,7 @@ use crate::config::{Config, RawConfig, ENV_VARS};
 use crate::error::SyncError;
 use crate::ops::{self, Person};
 use crate::sync::plan::Phase;
+use crate::sync::state::SyncState;
 use crate::sync::{Syncer, WindowOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -28,6 +29,12 @@ pub struct ChainEvent {
     pub chain: String,
     /// The window this event asks for.
     pub hop: i64,
+    /// On an event from `dispatch`: how many chains it left running at once, this one
+    /// included. A chain's first window cannot see the others' leases yet (they start at the
+    /// same moment), so it takes its share of the rate budget from this; later windows count
+    /// the live leases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<u32>,
 }
 
 /// Guards that end a runaway chain with a recorded error, instead of AWS's recursion stop.
@@ -140,7 +147,8 @@ pub async fn step(app: &ChainApp, event: &ChainEvent, deadline_ms: Option<i64>) 
         .iter()
         .filter(|s| s.stream != stream && s.phase != Phase::Idle && s.lease_until_ms.is_some_and(|u| u > now))
         .count();
-    app.syncer.lever().limiter().set_share(1 + others);
+    let peers = event.peers.map_or(0, |p| p as usize);
+    app.syncer.lever().limiter().set_share((1 + others).max(peers));
     let runaway = if event.hop >= app.limits.max_hops {
         Some(("chain_hop_limit", format!("the chain reached {} windows", event.hop)))
     } else if st.phase != Phase::Idle
@@ -181,6 +189,7 @@ pub async fn step(app: &ChainApp, event: &ChainEvent, deadline_ms: Option<i64>) 
                 table: stream.to_owned(),
                 chain: event.chain.clone(),
                 hop,
+                peers: None,
             };
             let payload = serde_json::to_value(&next).map_err(|e| SyncError::Invariant(e.to_string()))?;
             app.invoker
@@ -273,20 +282,35 @@ fn new_chain_id() -> String {
 async fn start_chains(app: &ChainApp, streams: &[&'static str]) -> Result<Value, SyncError> {
     let mut report = serde_json::Map::new();
     let now = now_ms();
+    let states = app.syncer.store().load_all().await?;
+    let live = |st: &SyncState| st.lease_until_ms.is_some_and(|u| u > now) && st.lease_owner.is_some();
+    let mut plan = Vec::with_capacity(streams.len());
     for stream in streams {
-        let st = app.syncer.store().load(stream).await?;
-        let live = st.lease_until_ms.is_some_and(|u| u > now) && st.lease_owner.is_some();
-        let action = match (st.phase, live) {
+        let st = match states.iter().find(|s| s.stream == *stream) {
+            Some(st) => st.clone(),
+            None => app.syncer.store().load(stream).await?,
+        };
+        let action = match (st.phase, live(&st)) {
             (_, true) => "running",
             (Phase::Idle, false) => "started",
             (_, false) => "resumed",
         };
+        plan.push((*stream, st, action));
+    }
+    // Every chain running once these start: the ones started here and the live ones.
+    let running = states
+        .iter()
+        .filter(|s| s.phase != Phase::Idle && live(s) && !streams.contains(&s.stream.as_str()))
+        .count();
+    let peers = (running + plan.len()) as u32;
+    for (stream, st, action) in plan {
         if action != "running" {
             let hop = if st.phase == Phase::Idle { 0 } else { st.hop };
             let event = ChainEvent {
-                table: (*stream).to_owned(),
+                table: stream.to_owned(),
                 chain: new_chain_id(),
                 hop,
+                peers: Some(peers),
             };
             let payload = serde_json::to_value(&event).map_err(|e| SyncError::Invariant(e.to_string()))?;
             app.invoker
@@ -295,7 +319,7 @@ async fn start_chains(app: &ChainApp, streams: &[&'static str]) -> Result<Value,
                 .map_err(|e| SyncError::Invariant(e.to_string()))?;
         }
         tracing::info!(stream, action, hop = st.hop, "dispatch");
-        report.insert((*stream).to_owned(), json!(action));
+        report.insert(stream.to_owned(), json!(action));
     }
     Ok(Value::Object(report))
 }

@@ -52,21 +52,29 @@ pub struct LocalLambda {
     pub url: String,
     pub recorder: Arc<Recorder>,
     app: Arc<Mutex<Option<ChainApp>>>,
+    containers: Containers,
 }
+
+/// Per table, the function instance (container) that runs its events, when tables must not
+/// share one process — as on Lambda, where each chain's container has its own rate limiter.
+type Containers = Arc<Mutex<std::collections::HashMap<String, ChainApp>>>;
 
 #[derive(Clone)]
 struct Ctx {
     recorder: Arc<Recorder>,
     app: Arc<Mutex<Option<ChainApp>>>,
+    containers: Containers,
 }
 
 impl LocalLambda {
     pub async fn start() -> std::io::Result<LocalLambda> {
         let recorder = Arc::new(Recorder::default());
         let app: Arc<Mutex<Option<ChainApp>>> = Arc::new(Mutex::new(None));
+        let containers = Containers::default();
         let ctx = Ctx {
             recorder: recorder.clone(),
             app: app.clone(),
+            containers: containers.clone(),
         };
         let router = Router::new()
             .route("/2015-03-31/functions/{name}/invocations", post(invoke))
@@ -76,7 +84,20 @@ impl LocalLambda {
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        Ok(LocalLambda { url, recorder, app })
+        Ok(LocalLambda {
+            url,
+            recorder,
+            app,
+            containers,
+        })
+    }
+
+    /// Runs `table`'s events in `app` instead of the shared one.
+    pub fn serve_table(&self, table: &str, app: ChainApp) {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(table.to_owned(), app);
     }
 
     /// The function that events run (set once the app, which needs this endpoint, is built).
@@ -110,8 +131,7 @@ impl LocalLambda {
 
     /// Delivers `event` now, as a late copy from AWS would arrive (retries included).
     pub fn deliver(&self, event: ChainEvent) {
-        let app = self.app.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(app) = app {
+        if let Some(app) = app_for(&self.containers, &self.app, &event.table) {
             run(app, event, self.recorder.clone(), Duration::ZERO);
         }
     }
@@ -134,7 +154,7 @@ async fn invoke(State(ctx): State<Ctx>, Path(_name): Path<String>, body: Bytes) 
         Ok(e) => e,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("not a chain event: {e}")).into_response(),
     };
-    let Some(app) = ctx.app.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+    let Some(app) = app_for(&ctx.containers, &ctx.app, &event.table) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no function").into_response();
     };
     let n = ctx.recorder.received.fetch_add(1, Ordering::SeqCst);
@@ -209,4 +229,10 @@ fn run(app: ChainApp, event: ChainEvent, recorder: Arc<Recorder>, delay: Duratio
         }
         recorder.in_flight.fetch_sub(1, Ordering::SeqCst);
     });
+}
+
+/// The function instance that runs `table`'s events: its own container if it has one.
+fn app_for(containers: &Containers, shared: &Mutex<Option<ChainApp>>, table: &str) -> Option<ChainApp> {
+    let own = containers.lock().unwrap_or_else(|p| p.into_inner()).get(table).cloned();
+    own.or_else(|| shared.lock().unwrap_or_else(|p| p.into_inner()).clone())
 }

@@ -334,3 +334,45 @@ async fn a_late_first_event_of_an_earlier_run_starts_no_run() {
     assert_eq!(runs.rows.len(), 3, "three runs were asked for, and no more ran");
     assert_dataset_matches(&app.syncer, &sim, &["users"]).await;
 }
+
+/// Every table's chain in a container of its own, each with its own rate limiter, against a
+/// simulator that enforces Lever's 10 requests/second: the chains split the account's budget
+/// between the ones running, so together they stay under Lever's limit (almost no 429s) and
+/// the dataset ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_in_separate_containers_share_the_accounts_rate_budget() {
+    let sim = Simulator::start(World::generated(&Volume::new(40, 73)), SimConfig::default())
+        .await
+        .unwrap();
+    let mut setup = Setup::new(&sim, "budget");
+    // The account's budget is Lever's whole limit; every container is told the same.
+    setup.raw.lever.rate_per_sec = Some(10.0);
+    setup.raw.lever.burst = Some(2.0);
+    let lambda = LocalLambda::start().await.unwrap();
+    let app = chain_app(&setup, &lambda, None, ChainLimits::default()).await;
+    let streams = setup.config().streams();
+    for stream in &streams {
+        let own = syncer_for(setup.config(), "dispatch").await.unwrap();
+        lambda.serve_table(
+            stream,
+            ChainApp {
+                syncer: own,
+                ..app.clone()
+            },
+        );
+    }
+    app.syncer.setup().await.unwrap();
+    sim.reset_stats();
+    chain::dispatch(&app, &json!({"action": "tick"})).await.unwrap();
+    lambda.settle(SETTLE).await;
+    assert_exact(&app, &sim).await;
+    let (requests, throttled) = sim
+        .stats()
+        .values()
+        .fold((0, 0), |(r, t), s| (r + s.requests, t + s.throttled));
+    println!("{streams:?} chains at once: {requests} requests, {throttled} answered 429");
+    assert!(
+        throttled * 100 < requests,
+        "{throttled} of {requests} requests answered 429: the chains overran the shared budget"
+    );
+}
