@@ -300,6 +300,33 @@ async fn bigquery_failures_mid_run_are_retried_or_reported_and_the_next_run_is_e
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_of_a_table_lookup_or_create_is_retried() {
+    let sim = fast_sim(small_world()).await;
+    let proxy = BqProxy::start(&emulator_url()).await.unwrap();
+    let mut setup = Setup::new(&sim, "bqmeta");
+    setup.raw.bigquery.api_url = Some(proxy.url.clone());
+    // A table create that succeeds but whose answer is lost: the retry meets "already exists".
+    proxy.fail(BqFault {
+        path_contains: "/tables".into(),
+        body_contains: Some("\"schema\"".into()),
+        status: 500,
+        times: 1,
+        lose_answer: true,
+    });
+    // Two table lookups (`tables.get`) fail before reaching BigQuery.
+    proxy.fail(BqFault {
+        path_contains: "/tables/".into(),
+        body_contains: None,
+        status: 503,
+        times: 2,
+        lose_answer: false,
+    });
+    sync_all(&setup.syncer().await).await.unwrap();
+    assert_eq!(proxy.hits(), 3, "every injected failure was served");
+    assert_exact(&setup, &sim).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_settings_fail_before_anything_is_written() {
     let sim = fast_sim(World::recorded()).await;
     let mut setup = Setup::new(&sim, "badcfg");

@@ -297,36 +297,52 @@ impl Warehouse {
         format!("`{}`.`{}`.`{}`", self.project, self.dataset, table)
     }
 
+    // Metadata calls retry transient failures like queries and loads do: a 5xx or a dropped
+    // connection on a lookup or a create is as likely as on a job, and must not fail a run.
+
     pub async fn dataset_exists(&self) -> Result<bool, WarehouseError> {
-        match self.bq.dataset().get(&self.project, &self.dataset).await {
-            Ok(_) => Ok(true),
-            Err(BQError::ResponseError { error }) if error.error.code == 404 => Ok(false),
-            Err(e) => Err(api_error("dataset lookup", e)),
-        }
+        retry_transient(|| async {
+            match self.bq.dataset().get(&self.project, &self.dataset).await {
+                Ok(_) => Ok(true),
+                Err(BQError::ResponseError { error }) if error.error.code == 404 => Ok(false),
+                Err(e) => Err(api_error("dataset lookup", e)),
+            }
+        })
+        .await
     }
 
     pub async fn ensure_dataset(&self) -> Result<(), WarehouseError> {
         if self.dataset_exists().await? {
             return Ok(());
         }
-        let mut ds = Dataset::new(&self.project, &self.dataset);
-        if let Some(loc) = &self.location {
-            ds = ds.location(loc);
-        }
-        match self.bq.dataset().create(ds).await {
-            Ok(_) => Ok(()),
-            Err(BQError::ResponseError { error }) if error.error.code == 409 => Ok(()),
-            Err(e) => Err(api_error("dataset create", e)),
-        }
+        retry_transient(|| async {
+            let mut ds = Dataset::new(&self.project, &self.dataset);
+            if let Some(loc) = &self.location {
+                ds = ds.location(loc);
+            }
+            // 409 also answers a retry whose first attempt created it but lost the answer.
+            match self.bq.dataset().create(ds).await {
+                Ok(_) => Ok(()),
+                Err(BQError::ResponseError { error }) if error.error.code == 409 => Ok(()),
+                Err(e) => Err(api_error("dataset create", e)),
+            }
+        })
+        .await
     }
 
     /// The column names of a table, or `None` when it does not exist. Read from a `LIMIT 0`
     /// query rather than the table resource: the emulator's resource does not follow `ALTER`.
     pub async fn table_columns(&self, table: &str) -> Result<Option<Vec<String>>, WarehouseError> {
-        match self.bq.table().get(&self.project, &self.dataset, table, None).await {
-            Ok(_) => {}
-            Err(BQError::ResponseError { error }) if error.error.code == 404 => return Ok(None),
-            Err(e) => return Err(api_error("table lookup", e)),
+        let exists = retry_transient(|| async {
+            match self.bq.table().get(&self.project, &self.dataset, table, None).await {
+                Ok(_) => Ok(true),
+                Err(BQError::ResponseError { error }) if error.error.code == 404 => Ok(false),
+                Err(e) => Err(api_error("table lookup", e)),
+            }
+        })
+        .await?;
+        if !exists {
+            return Ok(None);
         }
         let rows = self
             .query(&format!("SELECT * FROM {} LIMIT 0", self.table_ref(table)), &[])
@@ -341,15 +357,19 @@ impl Warehouse {
         fields: &[Field],
         expires_in: Option<Duration>,
     ) -> Result<(), WarehouseError> {
-        let mut t = Table::new(&self.project, &self.dataset, table, schema::to_bq(fields));
-        if let Some(ttl) = expires_in {
-            t = t.expiration_time(SystemTime::now() + ttl);
-        }
-        match self.bq.table().create(t).await {
-            Ok(_) => Ok(()),
-            Err(BQError::ResponseError { error }) if error.error.code == 409 => Ok(()),
-            Err(e) => Err(api_error("table create", e)),
-        }
+        retry_transient(|| async {
+            let mut t = Table::new(&self.project, &self.dataset, table, schema::to_bq(fields));
+            if let Some(ttl) = expires_in {
+                t = t.expiration_time(SystemTime::now() + ttl);
+            }
+            // 409 also answers a retry whose first attempt created it but lost the answer.
+            match self.bq.table().create(t).await {
+                Ok(_) => Ok(()),
+                Err(BQError::ResponseError { error }) if error.error.code == 409 => Ok(()),
+                Err(e) => Err(api_error("table create", e)),
+            }
+        })
+        .await
     }
 
     /// Adds the fields a table lacks (`ALTER TABLE ADD COLUMN`, which both BigQuery and the
@@ -383,14 +403,20 @@ impl Warehouse {
 
     pub async fn list_tables(&self) -> Result<Vec<String>, WarehouseError> {
         let mut out = Vec::new();
-        let mut opts = gcp_bigquery_client::table::ListOptions::default();
+        let mut token: Option<String> = None;
         loop {
-            let page = self
-                .bq
-                .table()
-                .list(&self.project, &self.dataset, opts)
-                .await
-                .map_err(|e| api_error("table list", e))?;
+            let page = retry_transient(|| async {
+                let mut opts = gcp_bigquery_client::table::ListOptions::default();
+                if let Some(tok) = &token {
+                    opts = opts.page_token(tok.clone());
+                }
+                self.bq
+                    .table()
+                    .list(&self.project, &self.dataset, opts)
+                    .await
+                    .map_err(|e| api_error("table list", e))
+            })
+            .await?;
             out.extend(
                 page.tables
                     .unwrap_or_default()
@@ -398,9 +424,7 @@ impl Warehouse {
                     .map(|t| t.table_reference.table_id),
             );
             match page.next_page_token {
-                Some(tok) if !tok.is_empty() => {
-                    opts = gcp_bigquery_client::table::ListOptions::default().page_token(tok)
-                }
+                Some(tok) if !tok.is_empty() => token = Some(tok),
                 _ => return Ok(out),
             }
         }
