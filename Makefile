@@ -40,7 +40,7 @@ demo: venv build-local
 	echo "== lever-sync sync (the simulator allows Lever's 10 requests/second)"; target/release/lever-sync sync; \
 	echo "== what landed"; target/release/demo-report
 
-# Numbers, not pass/fail: see tests/src/bin/bench.rs. BENCH_ARGS passes options, e.g.
+# Numbers, not pass/fail: see tests/src/bin/lever-bench.rs. BENCH_ARGS passes options, e.g.
 # BENCH_ARGS="--opportunities 1000 --children sweep".
 BENCH_ARGS ?=
 bench: venv
@@ -87,11 +87,18 @@ build: $(BUILD_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 -p sync-table -p dispatch
 	@ls -l target/lambda/*/bootstrap
 
-# First time: make deploy DEPLOY_ARGS=--guided (asks for the parameters and saves them).
+# First time: make deploy DEPLOY_ARGS=--guided (asks for the parameters and saves them). The SAM
+# CLI gets a virtualenv of its own: its pinned AWS libraries clash with the test tools'.
 STACK ?= lever-sync
-deploy: build
-	sam deploy --template-file infra/template.yaml --stack-name $(STACK) --capabilities CAPABILITY_IAM \
-	  --resolve-s3 $(DEPLOY_ARGS)
+DEPLOY_VENV := .venv-deploy
+$(DEPLOY_VENV)/.installed: requirements-deploy.txt
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
+	touch $@
+
+deploy: build $(DEPLOY_VENV)/.installed
+	$(DEPLOY_VENV)/bin/sam deploy --template-file infra/template.yaml --stack-name $(STACK) \
+	  --capabilities CAPABILITY_IAM --resolve-s3 $(DEPLOY_ARGS)
 
 fmt:
 	cargo fmt --all
