@@ -7,16 +7,24 @@
 //! the rate achieved against the rate allowed, 429s, wall and CPU time, peak memory and rows
 //! written, checks every table against the simulator's truth, and writes the numbers as JSON.
 //! It never passes or fails on time: the numbers are for reading.
+//!
+//! With `--lambda` each run goes through the Lambda chains instead: `dispatch` starts one chain
+//! per table through a local invoke endpoint, and each table's steps run in a container of their
+//! own (its own client and pace), as on AWS; the rate figure is then the tables' combined one.
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use lever_sim::harness::{assert_dataset_matches, duplicate_ids, syncer_for, unique_dataset, ALL_TABLES, START_MS};
+use lever_sim::lambda::LocalLambda;
 use lever_sim::server::{EndpointStats, SimConfig, Simulator};
 use lever_sim::world::{Volume, World};
-use lever_sync::config::RawConfig;
+use lever_sync::aws::{local_sdk_config, LambdaInvoker};
+use lever_sync::chain::{self, ChainApp, ChainLimits};
+use lever_sync::config::{Config, RawConfig};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CHILD_ENDPOINTS: [&str; 4] = ["interviews", "notes", "offers", "referrals"];
@@ -51,6 +59,10 @@ struct Args {
     out: String,
     #[arg(long, default_value_t = 11)]
     seed: u64,
+    /// Run each sync as the Lambda chains (one container per table) rather than `lever-sync`.
+    /// CPU time and peak memory are then not measured: the chains share this process.
+    #[arg(long)]
+    lambda: bool,
 }
 
 /// What one run of `lever-sync` cost.
@@ -79,17 +91,17 @@ fn pages(records: usize) -> u64 {
     (records as u64).div_ceil(100).max(1)
 }
 
-/// The fewest requests that read the same data: one page per 100 opportunities (with their
-/// applications), one request per opportunity for each child endpoint, the user pages, and for
-/// a later run the page of deletions.
-fn minimal_requests(world: &World, reread: usize, later: bool) -> BTreeMap<String, u64> {
+/// The fewest requests that read the same data: one page per 100 opportunities read (with their
+/// applications), one request per opportunity whose children are read for each child endpoint,
+/// the user pages, and for a later run the page of deletions.
+fn minimal_requests(world: &World, reread: usize, children_of: usize, later: bool) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     m.insert("opportunities+applications".to_owned(), pages(reread));
     if later {
         m.insert("deleted".to_owned(), 1);
     }
     for c in CHILD_ENDPOINTS {
-        m.insert(c.to_owned(), reread as u64);
+        m.insert(c.to_owned(), children_of as u64);
     }
     m.insert("users".to_owned(), pages(world.users.len()));
     m
@@ -139,6 +151,51 @@ async fn run_sync(
     })
 }
 
+/// One sync through the Lambda chains: a scheduled tick to `dispatch`, then every chain's
+/// self-invocations through a local invoke endpoint until none is left.
+async fn run_chains(cfg: &Config, sim: &Simulator, name: &'static str) -> anyhow::Result<Measured> {
+    let lambda = LocalLambda::start().await?;
+    let container = |syncer| ChainApp {
+        syncer,
+        invoker: Arc::new(LambdaInvoker::new(&local_sdk_config(&lambda.url))),
+        function: "sync-table".into(),
+        limits: ChainLimits::default(),
+    };
+    let syncer = || async { syncer_for(cfg.clone(), "dispatch").await.map_err(anyhow::Error::msg) };
+    let app = container(syncer().await?);
+    lambda.serve(app.clone());
+    let streams = cfg.streams();
+    for stream in &streams {
+        lambda.serve_table(stream, container(syncer().await?));
+    }
+    app.syncer.setup().await?;
+    sim.reset_stats();
+    let started = Instant::now();
+    chain::dispatch(&app, &json!({"action": "tick"})).await?;
+    lambda.settle(Duration::from_secs(24 * 3600)).await;
+    // settle returns after half a second without an invocation.
+    let wall = started.elapsed().as_secs_f64() - 0.5;
+    let failed: Vec<String> = lambda
+        .outcomes()
+        .into_iter()
+        .filter_map(|(e, r)| r.err().map(|err| format!("{} hop {}: {err}", e.table, e.hop)))
+        .collect();
+    if !failed.is_empty() {
+        bail!("chain steps failed:\n{}", failed.join("\n"));
+    }
+    // Each table's newest run is this one (the history has a row per table, not per chain).
+    let runs = app.syncer.store().recent_runs(ALL_TABLES.len() as u32).await?;
+    let sum = |column: &str| runs.rows.iter().filter_map(|r| runs.int(r, column)).sum::<i64>();
+    Ok(Measured {
+        name,
+        served: sim.stats(),
+        minimal: BTreeMap::new(),
+        report: json!({"wall_seconds": wall, "retries": sum("retries"), "invocations": lambda.events().len()}),
+        wall,
+        rows: sum("row_count"),
+    })
+}
+
 fn print(m: &Measured, rate: f64) -> Value {
     let requests = m.requests();
     let minimal = m.minimal_total();
@@ -150,6 +207,7 @@ fn print(m: &Measured, rate: f64) -> Value {
     let cpu = m.report["cpu_seconds"].as_f64();
     let peak_mb = m.report["peak_memory_bytes"].as_f64().map(|b| b / 1_048_576.0);
     let retries = m.report["retries"].as_u64().unwrap_or(0);
+    let invocations = m.report["invocations"].as_u64();
     println!("\n== {} run", m.name);
     println!("{:<30} {:>9} {:>9} {:>6}", "endpoint", "requests", "minimal", "429s");
     let mut names: Vec<&String> = m.served.keys().chain(m.minimal.keys()).collect();
@@ -176,6 +234,9 @@ fn print(m: &Measured, rate: f64) -> Value {
         "429s and retries          {throttled} answered 429 ({:.2} % of requests, target < 1 %), {retries} retries",
         100.0 * throttled as f64 / requests.max(1) as f64
     );
+    if let Some(n) = invocations {
+        println!("invocations               {n} (one chain per table, each in a container of its own)");
+    }
     println!(
         "CPU time                  {}",
         cpu.map_or("n/a".into(), |c| format!("{c:.1} s"))
@@ -203,6 +264,7 @@ fn print(m: &Measured, rate: f64) -> Value {
         "throttled": throttled,
         "throttled_share": throttled as f64 / requests.max(1) as f64,
         "retries": retries,
+        "invocations": invocations,
         "cpu_seconds": cpu,
         "peak_memory_bytes": m.report["peak_memory_bytes"],
         "rows_written": m.rows,
@@ -246,23 +308,39 @@ async fn main() -> anyhow::Result<()> {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     println!(
-        "account: {in_scope} opportunities in scope, {} users; simulator: {} req/s (burst {}), {} ms per response; children: {}",
+        "account: {in_scope} opportunities in scope, {} users; simulator: {} req/s (burst {}), {} ms per response; children: {}; {}",
         sim.world().users.len(),
         args.rate,
         2.0 * args.rate,
         args.latency_ms,
-        args.children
+        args.children,
+        if args.lambda {
+            "Lambda chains, one container per table"
+        } else {
+            "lever-sync sync"
+        }
     );
 
     // A syncer of our own only to read the dataset back for the exactness check.
     let mut raw = RawConfig::default();
     raw.apply_env(&env.iter().cloned().collect())?;
-    let reader = syncer_for(raw.validate(chrono::Utc::now().timestamp_millis())?, "bench-reader")
+    let cfg = raw.validate(chrono::Utc::now().timestamp_millis())?;
+    let reader = syncer_for(cfg.clone(), "bench-reader")
         .await
         .map_err(anyhow::Error::msg)?;
+    let run = |name: &'static str| {
+        let (args, sim, env, cfg) = (&args, &sim, &env, &cfg);
+        async move {
+            if args.lambda {
+                run_chains(cfg, sim, name).await
+            } else {
+                run_sync(args, sim, env, name).await
+            }
+        }
+    };
 
-    let mut full = run_sync(&args, &sim, &env, "full").await?;
-    full.minimal = minimal_requests(&sim.world(), in_scope, false);
+    let mut full = run("full").await?;
+    full.minimal = minimal_requests(&sim.world(), in_scope, in_scope, false);
     check_exact(&reader, &sim).await?;
 
     // Lever-side changes: a share of opportunities edited (bumping updatedAt).
@@ -280,8 +358,11 @@ async fn main() -> anyhow::Result<()> {
             w.update_opportunity(id, |o| o["tags"] = json!(["bench-changed"]));
         }
     }
-    let mut later = run_sync(&args, &sim, &env, "incremental").await?;
-    later.minimal = minimal_requests(&sim.world(), changed, true);
+    let mut later = run("incremental").await?;
+    // `full` re-reads every opportunity's children each run; a sweep, the changed ones and the
+    // slice whose turn came since the last run (a share of minutes in a 7-day period: none here).
+    let children_of = if args.children == "sweep" { changed } else { in_scope };
+    later.minimal = minimal_requests(&sim.world(), changed, children_of, true);
     check_exact(&reader, &sim).await?;
 
     let full_json = print(&full, args.rate);
@@ -298,6 +379,7 @@ async fn main() -> anyhow::Result<()> {
         "rate": args.rate,
         "latency_ms": args.latency_ms,
         "children": args.children,
+        "lambda": args.lambda,
         "changed": changed,
         "runs": [full_json, later_json],
         "incremental_over_full_requests": share,
