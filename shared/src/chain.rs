@@ -170,7 +170,7 @@ pub async fn step(app: &ChainApp, event: &ChainEvent, deadline_ms: Option<i64>) 
         if st.phase != Phase::Idle && st.hop == event.hop {
             app.syncer.abandon_run(stream, code, &message).await?;
             tracing::error!(
-                stream,
+                table = stream,
                 hop = event.hop,
                 error_code = code,
                 "{message}; the run is ended"
@@ -265,7 +265,8 @@ impl ConsoleEvent {
             SyncError::Invariant(format!(
                 "not a valid event ({e}): send {{\"action\": \"sync\"}}, {{\"action\": \"sync\", \"tables\": [\"notes\"]}}, \
                  {{\"action\": \"full_refresh\", \"table\": \"notes\"}}, {{\"action\": \"status\"}}, \
-                 {{\"action\": \"erase\", \"email\": \"…\"}} or {{\"action\": \"delete_connection\", \"confirm\": \"<dataset>\"}}"
+                 {{\"action\": \"erase\", \"email\": \"…\"}}, {{\"action\": \"delete_connection\", \"confirm\": \"<dataset>\"}} \
+                 or {{\"action\": \"tick\"}}"
             ))
         })
     }
@@ -318,7 +319,7 @@ async fn start_chains(app: &ChainApp, streams: &[&'static str]) -> Result<Value,
                 .await
                 .map_err(|e| SyncError::Invariant(e.to_string()))?;
         }
-        tracing::info!(stream, action, hop = st.hop, "dispatch");
+        tracing::info!(table = stream, action, hop = st.hop, "dispatch");
         report.insert(stream.to_owned(), json!(action));
     }
     Ok(Value::Object(report))

@@ -1,5 +1,6 @@
-//! Log setup. Fixed field names (`table`, `run_id`, `hop`, `rows`, `pages`, `requests`,
-//! `error_code`) carry counts and codes, never record contents or keys.
+//! Log setup. Fixed field names (`table` — the walk of Lever, named after its main table —
+//! `run_id`, `hop`, `pages`, `rows`, `requests`, `retries`, `duration_ms`, `error_code`) carry
+//! counts and codes, never record contents or keys.
 
 /// One JSON object per line on stderr (Lambda sends it to CloudWatch Logs).
 pub fn init_json() {

@@ -266,7 +266,7 @@ pub async fn reset(s: &Syncer, table: &str) -> Result<(), SyncError> {
             }
         }
     }
-    tracing::info!(stream, "reset: the next run is a full refresh");
+    tracing::info!(table = stream, "reset: the next run is a full refresh");
     Ok(())
 }
 

@@ -384,3 +384,42 @@ async fn chains_in_separate_containers_share_the_accounts_rate_budget() {
         "{throttled} of {requests} requests answered 429: the chains overran the shared budget"
     );
 }
+
+/// Each window writes one JSON log line with the table, run, hop, pages, rows, requests, retries
+/// and duration; its counts add up to what the simulator served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_window_logs_one_json_line_with_its_counts() {
+    let logs = lever_sim::chaos::capture_logs();
+    let sim = paged_sim(20).await;
+    let mut setup = Setup::new(&sim, "chain_logs");
+    setup.raw.sync.pages_per_window = Some(1);
+    let lambda = LocalLambda::start().await.unwrap();
+    let app = chain_app(&setup, &lambda, None, ChainLimits::default()).await;
+    chain::dispatch(&app, &json!({"action": "sync", "tables": ["users"]}))
+        .await
+        .unwrap();
+    lambda.settle(SETTLE).await;
+    let runs = app.syncer.store().recent_runs(1).await.unwrap();
+    let run_id = runs.str(&runs.rows[0], "run_id").unwrap();
+
+    // Other tests in this process log too: keep this run's lines.
+    let windows: Vec<serde_json::Value> = logs
+        .text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "window done" && v["run_id"] == run_id.as_str())
+        .collect();
+    for w in &windows {
+        for field in ["table", "run_id", "hop", "pages", "rows", "requests", "retries", "duration_ms"] {
+            assert!(!w[field].is_null(), "window line without {field}: {w}");
+        }
+        assert_eq!(w["table"], "users");
+    }
+    let sum = |f: &str| windows.iter().map(|w| w[f].as_u64().unwrap()).sum::<u64>();
+    let users = sim.world().users.len() as u64;
+    // Ten records a page, one page a window.
+    assert_eq!(windows.len() as u64, users.div_ceil(10), "one line per window");
+    assert_eq!(sum("pages"), users.div_ceil(10));
+    assert_eq!(sum("rows"), users);
+    assert_eq!(sum("requests"), sim.stats()["users"].requests);
+}

@@ -415,7 +415,7 @@ impl Syncer {
         failed.lease_until_ms = None;
         if let Err(se) = self.store.save(&failed, cur.version).await {
             tracing::warn!(
-                stream,
+                table = stream,
                 error_code = se.code(),
                 "could not save the failure in the state"
             );
@@ -437,7 +437,11 @@ impl Syncer {
                 error: Some(e.to_string()),
             };
             if let Err(he) = self.store.record_run(&rec).await {
-                tracing::warn!(stream, error_code = he.code(), "could not record the failed run");
+                tracing::warn!(
+                    table = stream,
+                    error_code = he.code(),
+                    "could not record the failed run"
+                );
             }
         }
     }
@@ -471,6 +475,7 @@ impl Syncer {
         stream_def: &'static TableDef,
         cur: &mut SyncState,
     ) -> Result<WindowOutcome, SyncError> {
+        let started = std::time::Instant::now();
         let stream = stream_def.name;
         let run_id = cur
             .run_id
@@ -530,6 +535,7 @@ impl Syncer {
             _ => self.cfg.sync.pages_per_window,
         };
         let mut reread_in_window = 0usize;
+        let mut pages_read = 0u32;
         for page_no in 0..pages {
             if page_no > 0 && self.deadline_ms.is_some_and(|d| (self.clock)() >= d) {
                 // Leave the rest for the next invocation rather than be cut off mid-write.
@@ -541,6 +547,7 @@ impl Syncer {
                 .cloned()
                 .ok_or_else(|| SyncError::Invariant("position past the last query".into()))?;
             let (page, token) = self.walk_page(&client, stream_def, &query, cur).await?;
+            pages_read += 1;
             let kept: Vec<&Value> = page.data.iter().filter(|r| plan::keep(&query, r)).collect();
             if query.deletions {
                 for s in batch.iter_mut().filter(|s| is_deletions(s.table)) {
@@ -631,12 +638,14 @@ impl Syncer {
         cur.version += 1;
         self.checkpoint(stream, Checkpoint::AfterSave, hop)?;
         tracing::info!(
-            stream,
+            table = stream,
             run_id = %run_id,
             hop = cur.hop,
+            pages = pages_read,
             rows = staged_rows,
             requests = stats.requests,
             retries = stats.retries,
+            duration_ms = started.elapsed().as_millis() as u64,
             phase = cur.phase.as_str(),
             "window done"
         );
@@ -688,7 +697,7 @@ impl Syncer {
                 Err(LeverError::InvalidOffset { .. }) if cur.position.is_some() && restarts < MAX_OFFSET_RESTARTS => {
                     restarts += 1;
                     tracing::warn!(
-                        stream = stream_def.name,
+                        table = stream_def.name,
                         "Lever refused the paging token; restarting the query"
                     );
                     cur.position = None;
@@ -697,7 +706,7 @@ impl Syncer {
                     if asked_confidential && message.to_ascii_lowercase().contains("confidential") =>
                 {
                     tracing::warn!(
-                        stream = stream_def.name,
+                        table = stream_def.name,
                         error_code = NO_CONFIDENTIAL,
                         "the API key may not read confidential opportunities; syncing the others"
                     );
@@ -900,10 +909,16 @@ impl Syncer {
         for (_, name) in &staging {
             if let Err(e) = self.wh.drop_table(name).await {
                 // It expires on its own; the run is complete either way.
-                tracing::warn!(stream, table = %name, error_code = e.code(), "could not drop a staging table");
+                tracing::warn!(table = stream, staging = %name, error_code = e.code(), "could not drop a staging table");
             }
         }
-        tracing::info!(stream, run_id = %run_id, windows = summary.windows, requests = summary.requests, "run finished");
+        tracing::info!(
+            table = stream,
+            run_id = %run_id,
+            windows = summary.windows,
+            requests = summary.requests,
+            "run finished"
+        );
         Ok(WindowOutcome::Finished(summary))
     }
 }
