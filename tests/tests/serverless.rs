@@ -409,8 +409,18 @@ async fn each_window_logs_one_json_line_with_its_counts() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "window done" && v["run_id"] == run_id.as_str())
         .collect();
+    const FIELDS: [&str; 8] = [
+        "table",
+        "run_id",
+        "hop",
+        "pages",
+        "rows",
+        "requests",
+        "retries",
+        "duration_ms",
+    ];
     for w in &windows {
-        for field in ["table", "run_id", "hop", "pages", "rows", "requests", "retries", "duration_ms"] {
+        for field in FIELDS {
             assert!(!w[field].is_null(), "window line without {field}: {w}");
         }
         assert_eq!(w["table"], "users");
