@@ -15,7 +15,7 @@ use lever_sync::chain::{self, ChainApp, ChainEvent, StepOutcome};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Async-invoke retries after a function error (Lambda's default).
 const RETRIES: u32 = 2;
@@ -100,23 +100,35 @@ impl LocalLambda {
             .insert(table.to_owned(), app);
     }
 
+    /// Runs each of the app's tables in a container of its own: its own syncer, Lever client
+    /// and pace, as on Lambda, where every chain runs in a separate function instance.
+    pub async fn serve_each_table_apart(&self, app: &ChainApp) -> Result<(), String> {
+        let cfg = app.syncer.config();
+        for stream in cfg.streams() {
+            let syncer = crate::harness::syncer_for(cfg.clone(), "dispatch").await?;
+            self.serve_table(stream, ChainApp { syncer, ..app.clone() });
+        }
+        Ok(())
+    }
+
     /// The function that events run (set once the app, which needs this endpoint, is built).
     pub fn serve(&self, app: ChainApp) {
         *self.app.lock().unwrap_or_else(|p| p.into_inner()) = Some(app);
     }
 
-    /// Waits until no invocation is queued or running (every chain has ended).
-    pub async fn settle(&self, limit: Duration) {
-        let start = std::time::Instant::now();
-        let mut quiet = 0;
+    /// Waits until no invocation is queued or running (every chain has ended), and says since
+    /// when none has been.
+    pub async fn settle(&self, limit: Duration) -> Instant {
+        let start = Instant::now();
+        let mut quiet_since: Option<Instant> = None;
         while start.elapsed() < limit {
             if self.recorder.in_flight.load(Ordering::SeqCst) == 0 {
-                quiet += 1;
-                if quiet >= 5 {
-                    return;
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(400) {
+                    return since;
                 }
             } else {
-                quiet = 0;
+                quiet_since = None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -351,23 +351,17 @@ async fn chains_in_separate_containers_share_the_accounts_rate_budget() {
     let lambda = LocalLambda::start().await.unwrap();
     let app = chain_app(&setup, &lambda, None, ChainLimits::default()).await;
     let streams = setup.config().streams();
-    for stream in &streams {
-        let own = syncer_for(setup.config(), "dispatch").await.unwrap();
-        lambda.serve_table(
-            stream,
-            ChainApp {
-                syncer: own,
-                ..app.clone()
-            },
-        );
-    }
+    lambda.serve_each_table_apart(&app).await.unwrap();
     app.syncer.setup().await.unwrap();
     sim.reset_stats();
     let started = std::time::Instant::now();
     chain::dispatch(&app, &json!({"action": "tick"})).await.unwrap();
-    lambda.settle(SETTLE).await;
-    // settle returns after half a second of quiet.
-    let secs = (started.elapsed().as_secs_f64() - 0.5).max(0.1);
+    let secs = lambda
+        .settle(SETTLE)
+        .await
+        .duration_since(started)
+        .as_secs_f64()
+        .max(0.1);
     assert_exact(&app, &sim).await;
     let (requests, throttled) = sim
         .stats()

@@ -155,26 +155,23 @@ async fn run_sync(
 /// self-invocations through a local invoke endpoint until none is left.
 async fn run_chains(cfg: &Config, sim: &Simulator, name: &'static str) -> anyhow::Result<Measured> {
     let lambda = LocalLambda::start().await?;
-    let container = |syncer| ChainApp {
-        syncer,
+    let app = ChainApp {
+        syncer: syncer_for(cfg.clone(), "dispatch").await.map_err(anyhow::Error::msg)?,
         invoker: Arc::new(LambdaInvoker::new(&local_sdk_config(&lambda.url))),
         function: "sync-table".into(),
         limits: ChainLimits::default(),
     };
-    let syncer = || async { syncer_for(cfg.clone(), "dispatch").await.map_err(anyhow::Error::msg) };
-    let app = container(syncer().await?);
     lambda.serve(app.clone());
-    let streams = cfg.streams();
-    for stream in &streams {
-        lambda.serve_table(stream, container(syncer().await?));
-    }
+    lambda.serve_each_table_apart(&app).await.map_err(anyhow::Error::msg)?;
     app.syncer.setup().await?;
     sim.reset_stats();
     let started = Instant::now();
     chain::dispatch(&app, &json!({"action": "tick"})).await?;
-    lambda.settle(Duration::from_secs(24 * 3600)).await;
-    // settle returns after half a second without an invocation.
-    let wall = started.elapsed().as_secs_f64() - 0.5;
+    let wall = lambda
+        .settle(Duration::from_secs(24 * 3600))
+        .await
+        .duration_since(started)
+        .as_secs_f64();
     let failed: Vec<String> = lambda
         .outcomes()
         .into_iter()
